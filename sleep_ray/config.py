@@ -1,0 +1,439 @@
+"""Typed, frozen configuration: one dataclass per concern, stored as YAML.
+
+`load_config(path, overrides)` reads a YAML file into `SleepConfig`, applies dotted overrides
+(`memory.rank=8`, values parsed as YAML) and validates every field. Unknown keys, wrong types
+and inconsistent values raise `ConfigError`, whose message names the dotted field and the value.
+
+Values the paper does not give (lambda, alpha, beta, gamma, z0, ...) are the project's choices;
+their defaults are documented beside each field and in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message names the field."""
+
+
+def _fail(field_path: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{field_path}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to build, and the tiny shape used on laptops and in tests."""
+
+    # "tiny" builds a random-weight model of `arch` from the sizes below; anything else is a
+    # local folder or a hub id (e.g. "Qwen/Qwen3-8B"), loaded with from_pretrained.
+    name_or_path: str = "tiny"
+    arch: Literal["qwen3", "qwen3_moe", "llama"] = "qwen3"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    num_experts: int = 4  # backbone MoE experts (qwen3_moe only)
+    num_experts_per_tok: int = 2  # backbone MoE top-k (qwen3_moe only)
+    moe_intermediate_size: int = 64  # qwen3_moe only
+    # Tokenizer: a folder with a saved tokenizer, or None to train a byte-level BPE offline on
+    # `tokenizer_corpus` (None: a built-in synthetic corpus) with `vocab_size` entries.
+    tokenizer_path: str | None = None
+    tokenizer_corpus: str | None = None
+    vocab_size: int = 512
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def validate(self, at: str) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                _fail(f"{at}.{name}", getattr(self, name), "must be positive")
+        if self.num_heads % self.num_kv_heads:
+            _fail(f"{at}.num_kv_heads", self.num_kv_heads,
+                  f"must divide num_heads={self.num_heads}")
+        if self.num_experts_per_tok > self.num_experts:
+            _fail(f"{at}.num_experts_per_tok", self.num_experts_per_tok,
+                  f"larger than num_experts={self.num_experts}")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The memory attached beside the MLP of chosen decoder layers: one expert pool per level.
+
+    Level 1 is the fastest. Per-level tuples have one entry per level (levels = len(capacity)).
+    """
+
+    # Decoder layers that carry memory; empty tuple = every layer.
+    layers: tuple[int, ...] = ()
+    rank: int = 8
+    # Pre-allocated experts per level. Level 1 holds the fast weights (one expert, always active).
+    capacity: tuple[int, ...] = (1, 8, 4)
+    top_k: tuple[int, ...] = (1, 1, 1)
+    routing: Literal["token", "sequence"] = "token"
+    # "cosine": each expert's router entry is a key fixed from the hidden states of the data it
+    # was seeded on, scored by cosine similarity / temperature; it cannot drift onto old inputs.
+    # "linear": a router row trained by gradient with the expert (the paper's literal reading).
+    router: Literal["cosine", "linear"] = "cosine"
+    router_temperature: float = 0.1
+    scale: float = 1.0  # output scale of B A h (LoRA's alpha / r)
+    init_std: float = 0.02  # std of A at (re)initialization; B starts at zero
+    # What a full pool does on expansion: refuse with an error, or merge the two least-used.
+    full_pool: Literal["error", "merge"] = "error"
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.capacity)
+
+    def validate(self, at: str) -> None:
+        if self.rank <= 0:
+            _fail(f"{at}.rank", self.rank, "must be positive")
+        if not self.capacity:
+            _fail(f"{at}.capacity", self.capacity, "needs one entry per level")
+        if len(self.top_k) != len(self.capacity):
+            _fail(f"{at}.top_k", self.top_k,
+                  f"needs one entry per level ({len(self.capacity)} levels from capacity)")
+        for level, (k, cap) in enumerate(zip(self.top_k, self.capacity), start=1):
+            if cap <= 0:
+                _fail(f"{at}.capacity", self.capacity, f"level {level} capacity must be positive")
+            if not 1 <= k <= cap:
+                _fail(f"{at}.top_k", self.top_k,
+                      f"level {level} top-k {k} must be in [1, capacity={cap}]")
+        if self.router_temperature <= 0:
+            _fail(f"{at}.router_temperature", self.router_temperature, "must be positive")
+        if any(layer < 0 for layer in self.layers):
+            _fail(f"{at}.layers", self.layers, "layer indices must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The CMS clock (METHOD.md section 2-3): chunk sizes, consolidation windows, transitions."""
+
+    # C(l): level l applies its accumulated update at steps i = 0 mod C(l). 0 = never (frozen).
+    chunk_sizes: tuple[int, ...] = (1, 8, 32)
+    # W(l): level l is consolidated into level l+1 every W(l) steps (0 = never; the slowest
+    # level has no level above). () = same as chunk_sizes, METHOD.md's default.
+    windows: tuple[int, ...] = (8, 32, 0)
+    # What level l does at its consolidation: "update" (apply its Eq. 2 sum), "reset" (return to
+    # its initial state) or "auto" (reset when C(l) = 1, update otherwise).
+    transitions: tuple[str, ...] = ()
+    learning_rates: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    # Levels (1-based) that take wake gradients; by default only the fastest.
+    wake_levels: tuple[int, ...] = (1,)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.chunk_sizes)
+
+    def window(self, level: int) -> int:
+        """W(level), 1-based."""
+        return (self.windows or self.chunk_sizes)[level - 1]
+
+    def transition(self, level: int) -> str:
+        """The resolved transition of `level` (1-based) at its consolidation."""
+        t = self.transitions[level - 1] if self.transitions else "auto"
+        if t == "auto":
+            return "reset" if self.chunk_sizes[level - 1] == 1 else "update"
+        return t
+
+    def validate(self, at: str) -> None:
+        cs = self.chunk_sizes
+        if not cs:
+            _fail(f"{at}.chunk_sizes", cs, "needs one entry per level")
+        if cs[0] <= 0:
+            _fail(f"{at}.chunk_sizes", cs, "the fastest level needs a positive chunk size")
+        for level in range(1, len(cs)):  # C(l) = 0 means level l never updates (frozen)
+            if cs[level] < 0:
+                _fail(f"{at}.chunk_sizes", cs, "chunk sizes must be >= 0")
+            if cs[level] and (not cs[level - 1] or cs[level] % cs[level - 1]):
+                _fail(f"{at}.chunk_sizes", cs,
+                      f"C({level + 1})={cs[level]} is not a multiple of C({level})={cs[level - 1]}")
+        for name in ("windows", "transitions", "learning_rates"):
+            value = getattr(self, name)
+            if value and len(value) != len(cs):
+                _fail(f"{at}.{name}", value, f"needs {len(cs)} entries, one per level")
+        for w in self.windows:
+            if w < 0:
+                _fail(f"{at}.windows", self.windows, "windows must be >= 0 (0 = never)")
+        for t in self.transitions:
+            if t not in ("update", "reset", "auto"):
+                _fail(f"{at}.transitions", self.transitions,
+                      f"{t!r} is not one of 'update', 'reset', 'auto'")
+        for level in self.wake_levels:
+            if not 1 <= level <= len(cs):
+                _fail(f"{at}.wake_levels", self.wake_levels, f"level {level} does not exist")
+
+
+@dataclass(frozen=True)
+class SeedingConfig:
+    """Knowledge seeding (METHOD.md section 4). Defaults are the project's choices."""
+
+    num_samples: int = 16  # |D|: teacher samples per consolidation
+    prompt_source: Literal["self", "wake"] = "wake"  # sampling prompts: BOS only, or wake contexts
+    prompt_tokens: int = 8  # tokens of a kept wake context used as a sampling prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    steps: int = 20
+    lr: float = 1e-2
+    lam: float = 0.5  # fraction of on-policy (student-sampled) data
+    beta: float = 0.5  # generalized JSD interpolation: 0 forward KL, 1 reverse KL
+    lti: bool = True  # Learning to Imitate reward term
+    alpha: float = 0.8  # weight of the divergence in L_KS (1 - alpha on the imitation reward)
+    gamma: float = 0.5  # weight of r_sem in the imitation reward
+    z0: int = 16  # Levenshtein threshold of r_abs (characters)
+    group_size: int = 4  # completions per prefix for the group baseline
+    judge: Literal["exact", "embedding"] = "exact"
+    judge_threshold: float = 0.8
+
+    def validate(self, at: str) -> None:
+        for name in ("lam", "beta", "alpha", "gamma"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _fail(f"{at}.{name}", getattr(self, name), "must be in [0, 1]")
+        for name in ("num_samples", "max_new_tokens", "group_size"):
+            if getattr(self, name) <= 0:
+                _fail(f"{at}.{name}", getattr(self, name), "must be positive")
+
+
+@dataclass(frozen=True)
+class DreamingConfig:
+    """Dreaming (METHOD.md section 5). m, k, b, LoRA rank, inner steps are the project's choices."""
+
+    enabled: bool = True
+    num_dreams: int = 8  # m
+    top_k: int = 2  # k kept by gradient importance
+    num_random: int = 1  # b kept at random from the rest
+    selection: Literal["gradient", "random"] = "gradient"
+    random_expert: bool = True  # random expert injection while dreaming
+    context_examples: int = 2  # recent wake examples forming the dream context C
+    tau_examples: int = 8  # held-out wake examples forming the score tau
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    lora_rank: int = 4
+    inner_steps: int = 4
+    inner_lr: float = 5e-3
+    dreamer_rank: int = 4  # rank of the dreamer adapter trained by ReST-EM
+    rest_em_steps: int = 4
+    apply_steps: int = 4  # SFT steps of the newest expert on rewarded dreams
+
+    def validate(self, at: str) -> None:
+        if self.top_k < 0 or self.num_random < 0:
+            _fail(f"{at}.top_k", self.top_k, "top_k and num_random must be >= 0")
+        if self.enabled and self.top_k + self.num_random > self.num_dreams:
+            _fail(f"{at}.top_k", self.top_k,
+                  f"top_k + num_random = {self.top_k + self.num_random} exceeds "
+                  f"num_dreams={self.num_dreams}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_workers: int = 1
+    max_new_tokens: int = 32
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    num_workers: int = 1
+    batch_size: int = 8
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = 1
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 0
+    num_gpus: float = 0.0
+
+    def validate(self, at: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail(f"{at}.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    stream: Literal["synthetic_languages", "clinc150", "jsonl"] = "synthetic_languages"
+    path: str | None = None  # JSONL file or CLINC150 folder
+    num_tasks: int = 3
+    train_per_task: int = 64
+    val_per_task: int = 16
+    test_per_task: int = 16
+    batch_size: int = 8
+    max_length: int = 64
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    engine: Literal["local", "ray"] = "local"
+    output_dir: str = "runs/default"
+    epochs_per_task: int = 1
+    log_every: int = 10
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    """The whole configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    seeding: SeedingConfig = field(default_factory=SeedingConfig)
+    dreaming: DreamingConfig = field(default_factory=DreamingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> SleepConfig:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        if self.schedule.num_levels != self.memory.num_levels:
+            _fail("schedule.chunk_sizes", self.schedule.chunk_sizes,
+                  f"has {self.schedule.num_levels} levels but memory.capacity has "
+                  f"{self.memory.num_levels}")
+        for layer in self.memory.layers:
+            if self.model.name_or_path == "tiny" and layer >= self.model.num_layers:
+                _fail("memory.layers", self.memory.layers,
+                      f"layer {layer} does not exist (model.num_layers={self.model.num_layers})")
+        return self
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _coerce(value: Any, tp: Any, at: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(at, value, f"expected a mapping for section {tp.__name__}")
+        return _build(tp, value, at)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(at, value, f"must be one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, at)
+            except ConfigError as e:
+                errors.append(str(e))
+        _fail(at, value, f"expected {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(at, value, f"expected a list ({tp})")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{at}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(at, value, "expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(at, value, "expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(at, value, "expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(at, value, "expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {at}")
+
+
+def _build(cls: type, data: dict, at: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in known:
+            where = f"{at}.{key}" if at else key
+            _fail(where, data[key], f"unknown key (known: {sorted(known)})")
+    kwargs = {k: _coerce(v, hints[k], f"{at}.{k}" if at else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> SleepConfig:
+    """Build and validate a `SleepConfig` from plain nested dicts (as read from YAML)."""
+    if not isinstance(data, dict):
+        _fail("<root>", data, "a config is a mapping of sections")
+    return _build(SleepConfig, data, "").validate()
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dicts (tuples as lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `section.field=value` overrides (value parsed as YAML) to nested dicts."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: expected exactly section.field")
+        section, name = parts
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            _fail(section, data[section], "expected a mapping")
+        data[section][name] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> SleepConfig:
+    """Read YAML at `path` (None: all defaults), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file is a mapping of sections")
+    try:
+        return config_from_dict(apply_overrides(data, overrides))
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def save_config(cfg: SleepConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

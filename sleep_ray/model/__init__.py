@@ -1,0 +1,1 @@
+"""The model: memory tiers, building, tokenizers, memory-state export."""

@@ -1,0 +1,386 @@
+"""The model's memory: CMS levels of low-rank experts beside the MLP of chosen decoder layers.
+
+At every targeted decoder layer a `LayerMemory` runs in parallel with the layer's MLP (attached
+as `layer.memory`, added to the MLP's output by a forward hook, so backbone parameter names never
+change). It holds one `ExpertPool` per CMS level (level 1 = fastest). A pool pre-allocates
+`capacity` low-rank experts (A: d x r, B: r x d) and masks the inactive ones, so tensor shapes
+never change as experts are activated or pruned (the paper's own implementation note):
+
+    out(h) = MLP(h) + sum_l sum_{e in TopK_l(h)} g_e(h) * scale * (h A_e) B_e
+
+Routers: "cosine" scores cos(h, key_e) / temperature with a key fixed from the hidden states an
+expert was seeded on (it cannot drift onto old tasks' inputs); "linear" is a router row trained by
+gradient. Random expert injection (dreams) adds one random active expert per router, behind a
+tensor-valued switch (`inject` buffer) so the same module can run inside vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sleep_ray.config import MemoryConfig
+
+
+class PoolFullError(RuntimeError):
+    """Expansion was asked of a level whose pool has no free expert slot."""
+
+
+def _expert_seed(base_seed: int, layer: int, level: int, expert: int) -> int:
+    """A stable seed per (model seed, layer, level, expert): 'initial state' is reproducible."""
+    digest = hashlib.sha256(f"{base_seed}/{layer}/{level}/{expert}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ExpertPool(nn.Module):
+    """One CMS level's experts at one layer: `capacity` low-rank experts, a router, a mask."""
+
+    def __init__(self, dim: int, cfg: MemoryConfig, level: int, layer: int, seed: int):
+        super().__init__()
+        self.dim, self.rank, self.level, self.layer, self.seed = dim, cfg.rank, level, layer, seed
+        self.capacity = cfg.capacity[level - 1]
+        self.top_k = cfg.top_k[level - 1]
+        self.router_kind = cfg.router
+        self.temperature = cfg.router_temperature
+        self.scale = cfg.scale
+        self.init_std = cfg.init_std
+        self.sequence_routing = cfg.routing == "sequence"
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(dim, cfg.rank)) for _ in range(self.capacity))
+        self.B = nn.ParameterList(nn.Parameter(torch.empty(cfg.rank, dim)) for _ in range(self.capacity))
+        # Router entry per expert: a fixed key (cosine) or a trained row (linear).
+        self.router = nn.ParameterList(nn.Parameter(torch.empty(dim)) for _ in range(self.capacity))
+        self.register_buffer("active", torch.zeros(self.capacity, dtype=torch.bool))
+        self.register_buffer("usage", torch.zeros(self.capacity))  # routed gate mass, for merging
+        self.register_buffer("inject", torch.zeros((), dtype=torch.bool))  # random-expert switch
+        self.track_usage = False
+        self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        for e in range(self.capacity):
+            self.reset_expert(e)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ state changes
+
+    @torch.no_grad()
+    def reset_expert(self, e: int) -> None:
+        """Return expert e to its initial state: A from its own seed, B and router entry zero.
+
+        B = 0 makes a fresh expert contribute exactly nothing until trained, so the student of
+        a consolidation starts as the model after the transition.
+        """
+        g = torch.Generator().manual_seed(_expert_seed(self.seed, self.layer, self.level, e))
+        a = torch.randn(self.dim, self.rank, generator=g) * self.init_std
+        self.A[e].copy_(a.to(self.A[e]))
+        self.B[e].zero_()
+        self.router[e].zero_()
+        self.active[e] = False
+        self.usage[e] = 0.0
+
+    def free_slot(self) -> int | None:
+        free = (~self.active).nonzero().flatten()
+        return int(free[0]) if len(free) else None
+
+    @torch.no_grad()
+    def activate(self, e: int, key: torch.Tensor | None = None) -> None:
+        """Make expert e routable; a cosine router gets its key from `key` (d,)."""
+        self.reset_expert(e)
+        if key is not None:
+            self.router[e].copy_(key.to(self.router[e]))
+        self.active[e] = True
+
+    @torch.no_grad()
+    def merge(self, keep: int, drop: int) -> None:
+        """Merge expert `drop` into `keep` and free `drop`'s slot.
+
+        The merged delta A1B1 + A2B2 has rank <= 2r; it is truncated back to rank r through a
+        QR of each factor and an SVD of the small 2r x 2r core (never a d x d matrix).
+        """
+        left = torch.cat([self.A[keep], self.A[drop]], dim=1)  # (d, 2r)
+        right = torch.cat([self.B[keep], self.B[drop]], dim=0)  # (2r, d)
+        q1, r1 = torch.linalg.qr(left.float())
+        q2, r2 = torch.linalg.qr(right.float().T)
+        u, s, vh = torch.linalg.svd(r1 @ r2.T)
+        r = self.rank
+        root = s[:r].sqrt()
+        self.A[keep].copy_((q1 @ u[:, :r] * root).to(self.A[keep]))
+        self.B[keep].copy_((root[:, None] * (vh[:r] @ q2.T)).to(self.B[keep]))
+        total = self.usage[keep] + self.usage[drop]
+        w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
+        self.router[keep].copy_(w * self.router[keep] + (1 - w) * self.router[drop])
+        self.usage[keep] = total
+        self.reset_expert(drop)
+
+    # ------------------------------------------------------------------ forward
+
+    def route_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> what the router scores: the token itself, or the causal prefix mean."""
+        if not self.sequence_routing:
+            return x
+        csum = x.cumsum(dim=1)  # (B, T, d)
+        count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        if torch.is_grad_enabled():  # teacher-forced: the whole sequence is in this call
+            return csum / count
+        # Generation (no grad): a one-token call continues the running mean of the prompt and of
+        # the tokens generated so far; any longer call is a new prefill and starts afresh.
+        if x.shape[1] == 1 and self._seq_state is not None and len(self._seq_state[0]) == len(x):
+            prev_sum, prev_count = self._seq_state
+            csum, count = csum + prev_sum, count + prev_count
+        self._seq_state = (csum[:, -1:], count[:, -1:])
+        return csum / count
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, E) gate weights; zero for unselected and inactive experts."""
+        keys = torch.stack(list(self.router))  # (E, d)
+        r = self.route_input(x)
+        if self.router_kind == "cosine":
+            scores = F.normalize(r, dim=-1) @ F.normalize(keys, dim=-1).T / self.temperature
+        else:
+            scores = r @ keys.T  # (B, T, E)
+        neg = torch.finfo(scores.dtype).min
+        scores = scores.masked_fill(~self.active, neg)
+        k = min(self.top_k, self.capacity)
+        top = scores.topk(k, dim=-1).indices
+        selected = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True) & self.active
+        if self.inject:  # random expert injection: one more active expert, uniformly drawn
+            noise = torch.rand(scores.shape, device=scores.device)
+            noise = noise.masked_fill(~(self.active & ~selected), -1.0)
+            has_extra = noise.max(-1, keepdim=True).values >= 0  # (B, T, 1): any candidate left
+            extra = F.one_hot(noise.argmax(-1), self.capacity).bool() & has_extra
+            selected = selected | extra
+        weights = scores.masked_fill(~selected, neg).softmax(dim=-1)
+        return weights * selected  # exact zeros off the selection: zero output, zero gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gates(x)  # (B, T, E)
+        if self.track_usage:
+            self.usage += g.detach().sum(dim=(0, 1)).to(self.usage)
+        A = torch.stack(list(self.A))  # (E, d, r)
+        B = torch.stack(list(self.B))  # (E, r, d)
+        h = torch.einsum("btd,edr->bter", x, A) * g[..., None]  # (B, T, E, r)
+        return torch.einsum("bter,erd->btd", h, B) * self.scale
+
+
+class LayerMemory(nn.Module):
+    """The memory of one decoder layer: one expert pool per CMS level, summed."""
+
+    def __init__(self, dim: int, cfg: MemoryConfig, layer: int, seed: int):
+        super().__init__()
+        self.layer = layer
+        self.levels = nn.ModuleList(
+            ExpertPool(dim, cfg, level, layer, seed) for level in range(1, cfg.num_levels + 1)
+        )
+        self._capture: list[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._capture is not None:
+            self._capture.append(x.detach())
+        out = self.levels[0](x)
+        for pool in self.levels[1:]:
+            out = out + pool(x)
+        return out
+
+
+def _add_memory_hook(mlp: nn.Module, inputs: tuple, output):
+    memory = mlp._sleep_memory  # set by attach_memory; a plain attribute, not a submodule
+    if isinstance(output, tuple):  # some MoE blocks return (hidden, router_logits)
+        return (output[0] + memory(inputs[0]),) + output[1:]
+    return output + memory(inputs[0])
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (`model.model.layers` and kin)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"{type(model).__name__}: no decoder layers found (expected model.layers)")
+
+
+def attach_memory(model: nn.Module, cfg: MemoryConfig, seed: int = 0) -> list[LayerMemory]:
+    """Attach a `LayerMemory` to the chosen layers (all if cfg.layers is empty).
+
+    Level 1's first expert (the fast weights) is activated; every other slot starts inactive.
+    The backbone is frozen. Works on any decoder whose layers have an `.mlp`.
+    """
+    layers = decoder_layers(model)
+    chosen = cfg.layers or tuple(range(len(layers)))
+    dim = model.config.hidden_size
+    param = next(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    memories = []
+    for idx in chosen:
+        layer = layers[idx]
+        if not hasattr(layer, "mlp"):
+            raise ValueError(f"decoder layer {idx} of {type(model).__name__} has no .mlp")
+        memory = LayerMemory(dim, cfg, idx, seed).to(device=param.device, dtype=param.dtype)
+        layer.memory = memory
+        object.__setattr__(layer.mlp, "_sleep_memory", memory)
+        layer.mlp.register_forward_hook(_add_memory_hook)
+        memories.append(memory)
+    for memory in memories:
+        memory.levels[0].activate(0)
+    return memories
+
+
+def memories(model: nn.Module) -> list[LayerMemory]:
+    return [m for m in model.modules() if isinstance(m, LayerMemory)]
+
+
+def pools(model: nn.Module, level: int) -> list[ExpertPool]:
+    """The pools of 1-based `level` across all memory layers."""
+    return [m.levels[level - 1] for m in memories(model)]
+
+
+def num_levels(model: nn.Module) -> int:
+    return len(memories(model)[0].levels)
+
+
+# ---------------------------------------------------------------------- operations by level
+
+
+def active_experts(model: nn.Module, level: int) -> list[int]:
+    """Active expert slots of `level` (the same in every layer: levels grow in lockstep)."""
+    return pools(model, level)[0].active.nonzero().flatten().tolist()
+
+
+def activate_expert(model: nn.Module, level: int, keys: list[torch.Tensor] | None = None,
+                    full_pool: str = "error") -> int:
+    """Activate one new expert at `level` in every memory layer; returns its slot.
+
+    `keys` gives each layer's router key (cosine router). A full pool follows `full_pool`:
+    "error" raises `PoolFullError`, "merge" merges the two least-used experts first.
+    """
+    level_pools = pools(model, level)
+    slot = level_pools[0].free_slot()
+    if slot is None:
+        if full_pool != "merge":
+            raise PoolFullError(
+                f"level {level} is full ({level_pools[0].capacity} experts); raise "
+                f"memory.capacity or set memory.full_pool=merge")
+        if level_pools[0].capacity < 2:
+            raise PoolFullError(f"level {level}: a pool of one expert cannot merge")
+        # Levels grow in lockstep across layers: pick the pair by usage summed over layers.
+        usage = torch.stack([pool.usage for pool in level_pools]).sum(0)
+        keep, drop = torch.argsort(usage, stable=True)[:2].tolist()
+        for pool in level_pools:
+            pool.merge(keep, drop)
+        slot = drop
+    for i, pool in enumerate(level_pools):
+        pool.activate(slot, None if keys is None else keys[i])
+    return slot
+
+
+def prune_level(model: nn.Module, level: int, keep: tuple[int, ...] = ()) -> list[int]:
+    """Reset (re-initialize and mask) the experts of `level`, except the slots in `keep`.
+
+    Level 1's fast expert comes back active and fresh: the fast level is always there to learn.
+    Returns the pruned slots.
+    """
+    pruned = [e for e in active_experts(model, level) if e not in keep]
+    for pool in pools(model, level):
+        for e in pruned:
+            pool.reset_expert(e)
+        if level == 1 and not pool.active.any():
+            pool.activate(0)
+    return pruned
+
+
+def reset_level(model: nn.Module, level: int) -> None:
+    """The `reset` transition: return every expert of `level` to its initial state."""
+    for pool in pools(model, level):
+        was_active = pool.active.clone()
+        for e in range(pool.capacity):
+            pool.reset_expert(e)
+        pool.active.copy_(was_active)
+
+
+def expert_parameters(model: nn.Module, level: int, expert: int | None = None,
+                      router: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the experts of `level` (one slot, or all active ones)."""
+    for name, memory in _named_memories(model):
+        pool = memory.levels[level - 1]
+        slots = [expert] if expert is not None else pool.active.nonzero().flatten().tolist()
+        for e in slots:
+            prefix = f"{name}.levels.{level - 1}"
+            yield f"{prefix}.A.{e}", pool.A[e]
+            yield f"{prefix}.B.{e}", pool.B[e]
+            if router and pool.router_kind == "linear":
+                yield f"{prefix}.router.{e}", pool.router[e]
+
+
+def freeze_memory(model: nn.Module) -> None:
+    for memory in memories(model):
+        for p in memory.parameters():
+            p.requires_grad_(False)
+
+
+def set_trainable(model: nn.Module, level: int, expert: int | None = None,
+                  trainable: bool = True) -> list[nn.Parameter]:
+    """Unfreeze (or freeze) the active experts of `level` (or one slot); returns them."""
+    params = [p for _, p in expert_parameters(model, level, expert)]
+    for p in params:
+        p.requires_grad_(trainable)
+    return params
+
+
+def trainable_memory(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def set_random_injection(model: nn.Module, on: bool) -> None:
+    """The tensor-valued dream switch of every memory router (and MoE backbone router)."""
+    for module in model.modules():
+        if isinstance(module, ExpertPool) or hasattr(module, "_sleep_inject"):
+            buf = module.inject if isinstance(module, ExpertPool) else module._sleep_inject
+            buf.fill_(on)
+
+
+@contextlib.contextmanager
+def random_injection(model: nn.Module) -> Iterator[None]:
+    set_random_injection(model, True)
+    try:
+        yield
+    finally:
+        set_random_injection(model, False)
+
+
+@contextlib.contextmanager
+def track_usage(model: nn.Module) -> Iterator[None]:
+    """Count routed gate mass per expert (for the merge policy) inside this block."""
+    level_pools = [p for m in memories(model) for p in m.levels]
+    for pool in level_pools:
+        pool.track_usage = True
+    try:
+        yield
+    finally:
+        for pool in level_pools:
+            pool.track_usage = False
+
+
+@contextlib.contextmanager
+def capture_memory_inputs(model: nn.Module) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record the hidden states (B, T, d) entering each layer's memory, keyed by layer index."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    mems = memories(model)
+    for memory in mems:
+        captured[memory.layer] = memory._capture = []
+    try:
+        yield captured
+    finally:
+        for memory in mems:
+            memory._capture = None
+
+
+def _named_memories(model: nn.Module) -> list[tuple[str, LayerMemory]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LayerMemory)]

@@ -1,0 +1,94 @@
+"""Export and load the versioned memory state (experts, routers, masks), never the backbone.
+
+The on-disk format is one safetensors file; its metadata holds the format tag, the version and
+a fingerprint of the memory's shapes. Loading checks names, shapes and fingerprint, and refuses a
+mismatch with a message that names the difference. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sleep_ray.types import MemoryState
+
+FORMAT = "sleep_ray.memory/1"
+_SKIP = (".inject",)  # the dream switch is a mode, not memory
+
+
+class MemoryStateError(ValueError):
+    """A memory state does not fit the model it is loaded into."""
+
+
+def _memory_items(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in model.state_dict(keep_vars=True).items()
+            if ".memory." in name and not name.endswith(_SKIP)}
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Names -> shapes of the memory: what must match for a state to load."""
+    return {name: list(t.shape) for name, t in _memory_items(model).items()}
+
+
+def export_memory_state(model: nn.Module, version: int) -> MemoryState:
+    """A detached CPU copy of the memory, stamped with `version`."""
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous()
+               for name, t in _memory_items(model).items()}
+    meta = {"format": FORMAT, "version": str(version),
+            "fingerprint": json.dumps(fingerprint(model), sort_keys=True)}
+    return MemoryState(version=version, tensors=tensors, meta=meta)
+
+
+@torch.no_grad()
+def load_memory_state(model: nn.Module, state: MemoryState) -> None:
+    """Copy `state` into the model's memory in place; the backbone is untouched."""
+    if state.meta.get("format", FORMAT) != FORMAT:
+        raise MemoryStateError(f"memory state format {state.meta.get('format')!r}, expected {FORMAT!r}")
+    own = _memory_items(model)
+    missing = sorted(set(own) - set(state.tensors))
+    extra = sorted(set(state.tensors) - set(own))
+    if missing or extra:
+        raise MemoryStateError(f"memory state v{state.version} does not fit this model: "
+                               f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for name, target in own.items():
+        src = state.tensors[name]
+        if tuple(src.shape) != tuple(target.shape):
+            raise MemoryStateError(f"memory state v{state.version}: {name} has shape "
+                                   f"{tuple(src.shape)}, the model has {tuple(target.shape)}")
+    for name, target in own.items():
+        target.copy_(state.tensors[name].to(device=target.device, dtype=target.dtype))
+
+
+def save_memory_state(state: MemoryState, path: str | Path) -> Path:
+    """Write `state` as one safetensors file (atomically: temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v) for k, v in state.tensors.items()}
+    meta = dict(state.meta, bool_tensors=json.dumps(sorted(k for k, v in state.tensors.items()
+                                                           if v.dtype == torch.bool)))
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_memory_state(path: str | Path) -> MemoryState:
+    """Read a memory state written by `save_memory_state` (safetensors only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MemoryStateError(f"memory state {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != FORMAT:
+        raise MemoryStateError(f"{path}: not a sleep_ray memory state (format {meta.get('format')!r})")
+    tensors = load_file(str(path))
+    for name in json.loads(meta.pop("bool_tensors", "[]")):
+        tensors[name] = tensors[name].bool()
+    return MemoryState(version=int(meta["version"]), tensors=tensors, meta=meta)

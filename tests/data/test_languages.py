@@ -1,0 +1,147 @@
+"""Synthetic novel languages: hand-realised sentences, determinism, distinctness, consistency."""
+
+import hashlib
+
+from sleep_ray.data import load_stream
+from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
+from sleep_ray.data.languages import (
+    LEXICON_SIZES,
+    Clause,
+    Language,
+    Lexicon,
+    NounPhrase,
+    base_corpus,
+    base_language,
+    make_languages,
+    realise,
+    synthetic_language_stream,
+    translate_to_base,
+)
+
+TOY_LEXICON = Lexicon(
+    determiners=("the",),
+    adjectives=("big",),
+    nouns=("dog", "cat", "park"),
+    verbs=("sees",),
+    adverbs=("often",),
+    prepositions=("in",),
+)
+TOY_BASE = Language("base", TOY_LEXICON, plural_suffix="s", past_suffix="ed")
+TOY_CLAUSE = Clause(
+    subject=NounPhrase(determiner=0, noun=0, adjective=0),
+    verb=0,
+    obj=NounPhrase(determiner=0, noun=1, plural=True),
+    past=True,
+    adverb=0,
+    preposition=0,
+    prep_object=NounPhrase(determiner=0, noun=2),
+)
+
+
+def test_realise_base_by_hand():
+    # S V O PP Adv, with plural -s on "cat" and past -ed on "sees"
+    assert realise(TOY_CLAUSE, TOY_BASE) == "the big dog seesed the cats in the park often"
+
+
+def test_realise_derived_rules_by_hand():
+    lang = Language(
+        "toy", TOY_LEXICON, clause_order="SOV", adjective_after_noun=True,
+        determiner_after_noun=True, postpositions=True, adverb_first=True,
+        plural_suffix="i", past_suffix="ta", object_suffix="m",
+    )
+    # Adv first; S = "dog big the"; O = "cat"+"i"+"m" then "the"; V = "sees"+"ta";
+    # PP = "park the" + postposition "in"
+    assert realise(TOY_CLAUSE, lang) == "often dog big the catim the seesta park the in"
+
+
+def test_translate_to_base_record():
+    lang = Language("toy", TOY_LEXICON, clause_order="VSO")
+    clause = Clause(NounPhrase(0, 0), 0, NounPhrase(0, 1))
+    example = translate_to_base(clause, lang, TOY_BASE, "test")
+    assert example.task == "toy" and example.split == "test"
+    assert example.prompt == "toy: sees the dog the cat\nbase:"
+    assert example.completion == " the dog sees the cat"
+    assert example.choices is None
+
+
+def test_deterministic_given_seed():
+    assert make_languages(3, seed=7) == make_languages(3, seed=7)
+    assert synthetic_language_stream(2, 20, 5, 5, seed=7) == synthetic_language_stream(
+        2, 20, 5, 5, seed=7
+    )
+    assert base_corpus(50, seed=7) == base_corpus(50, seed=7)
+    assert base_corpus(50, seed=7) != base_corpus(50, seed=8)
+    assert make_languages(2, seed=7) != make_languages(2, seed=8)
+
+
+def test_language_k_does_not_depend_on_how_many():
+    assert make_languages(2, seed=3) == make_languages(4, seed=3)[:2]
+
+
+def test_languages_differ_from_base_and_each_other():
+    base, langs = base_language(0), make_languages(4, seed=0)
+    everyone = [base] + langs
+    names = [lang.name for lang in everyone]
+    assert len(set(names)) == len(names)
+    words = [set(w for cls in LEXICON_SIZES for w in getattr(x.lexicon, cls)) for x in everyone]
+    for i in range(len(words)):
+        for j in range(i + 1, len(words)):
+            assert not words[i] & words[j]  # no shared word forms at all
+    orders = [lang.clause_order for lang in langs]
+    assert "SVO" not in orders and len(set(orders)) == len(orders)
+
+
+def test_lexicon_is_pronounceable_and_sized():
+    base = base_language(0)
+    all_words = [w for cls in LEXICON_SIZES for w in getattr(base.lexicon, cls)]
+    assert 40 <= len(all_words) <= 80 and len(set(all_words)) == len(all_words)
+    assert all(w.isalpha() and w.islower() and any(v in w for v in "aeiou") for w in all_words)
+
+
+def _base_stems(sentence: str, lang: Language, base: Language) -> list[str]:
+    """Map each word of `lang` to its base word, stripping suffixes: a bag-of-words check."""
+    suffixes = {lang.plural_suffix, lang.past_suffix, lang.object_suffix,
+                lang.plural_suffix + lang.object_suffix} - {""}
+    table = {}
+    for cls in LEXICON_SIZES:
+        for own, theirs in zip(getattr(lang.lexicon, cls), getattr(base.lexicon, cls)):
+            table[own] = theirs
+            table.update({own + s: theirs for s in suffixes})
+    return sorted(table[w] for w in sentence.split())
+
+
+def test_translation_pairs_are_consistent():
+    stream = synthetic_language_stream(3, 30, 5, 10, seed=0)
+    base, langs = stream.meta["base"], stream.meta["languages"]
+    base_table = {}
+    for cls in LEXICON_SIZES:
+        for w in getattr(base.lexicon, cls):
+            base_table.update({w: w, w + base.plural_suffix: w, w + base.past_suffix: w})
+    for task, lang in zip(stream.tasks, langs):
+        assert task.name == lang.name and task.metric == "chrf"
+        assert (len(task.train), len(task.val), len(task.test)) == (30, 5, 10)
+        prompts = [e.prompt for e in task.train + task.val + task.test]
+        assert len(set(prompts)) == len(prompts)  # no sentence repeats across splits
+        for e in task.train + task.val + task.test:
+            source = e.prompt.removeprefix(f"{lang.name}: ").removesuffix("\nbase:")
+            target = e.completion.removeprefix(" ")
+            assert len(target.split()) <= 12
+            assert _base_stems(source, lang, base) == sorted(base_table[w] for w in target.split())
+            assert source != target
+
+
+def test_load_stream_dispatches_to_languages():
+    stream = load_stream("synthetic_languages", num_languages=2, train_per_task=4,
+                         val_per_task=1, test_per_task=2)
+    assert stream.name == "synthetic_languages" and len(stream.tasks) == 2
+
+
+def test_corpus_and_hash(tmp_path):
+    lines = pretraining_corpus(20, seed=0)
+    assert lines == base_corpus(20, seed=0)
+    (tmp_path / "all_wiki_sents.txt").write_text("first line\n\nsecond line\n")
+    with_wiki = pretraining_corpus(20, seed=0, clinc_root=tmp_path)
+    assert with_wiki == lines + ["first line", "second line"]
+    # the hash is sha256 of the lines written one per line
+    assert corpus_hash(["ab", "c"]) == hashlib.sha256(b"ab\nc\n").hexdigest()
+    assert corpus_hash(with_wiki) != corpus_hash(lines)

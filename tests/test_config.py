@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from sleep_ray.config import (ConfigError, SleepConfig, apply_overrides, config_from_dict,
+                              config_to_dict, load_config, save_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, SleepConfig)
+    assert cfg.memory.num_levels == cfg.schedule.num_levels
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("jobs/configs/*.yaml")))
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(ROOT / path)
+    assert isinstance(cfg, SleepConfig)
+
+
+def test_shipped_yamls_exist():
+    assert list(ROOT.glob("jobs/configs/*.yaml")), "jobs/configs/ must ship at least one config"
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["memory.rank=4", "seeding.lam=0.25"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config(None, ["memory.rank=8", "memory.capacity=[1, 4, 4]",
+                             "dreaming.enabled=false", "model.tokenizer_path=null"])
+    assert cfg.memory.rank == 8 and cfg.memory.capacity == (1, 4, 4)
+    assert cfg.dreaming.enabled is False and cfg.model.tokenizer_path is None
+
+
+@pytest.mark.parametrize("overrides, field, value", [
+    (["memory.rnak=8"], "memory.rnak", "8"),
+    (["nosuch.x=1"], "nosuch", ""),
+    (["memory.rank=eight"], "memory.rank", "eight"),
+    (["memory.rank=2.5"], "memory.rank", "2.5"),
+    (["seeding.lam=1.5"], "seeding.lam", "1.5"),
+    (["run.engine=cluster"], "run.engine", "cluster"),
+    (["schedule.chunk_sizes=[1, 4, 6]"], "schedule.chunk_sizes", "6"),
+    (["memory.top_k=[1, 9, 1]"], "memory.top_k", "9"),
+    (["memory.capacity=[1, 4]"], "memory.top_k", ""),
+    (["dreaming.top_k=8", "dreaming.num_random=4"], "dreaming.top_k", "8"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads", "3"),
+])
+def test_bad_values_name_the_field_and_value(overrides, field, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert field in message and value in message
+
+
+def test_levels_must_agree_between_memory_and_schedule():
+    with pytest.raises(ConfigError, match="schedule.chunk_sizes"):
+        load_config(None, ["schedule.chunk_sizes=[1, 4]", "schedule.windows=[4, 0]",
+                             "schedule.learning_rates=[0.1, 0.01]"])
+
+
+def test_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memory:\n  rank: -1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: memory.rank=-1"):
+        load_config(bad)
+
+
+def test_configs_are_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.memory.rank = 3  # type: ignore[misc]
+
+
+def test_transitions_resolve_auto():
+    cfg = load_config(None, ["schedule.chunk_sizes=[1, 4, 8]"])
+    assert cfg.schedule.transition(1) == "reset"  # C(1) = 1: the window reading
+    assert cfg.schedule.transition(2) == "update"
+    cfg = load_config(None, ["schedule.chunk_sizes=[2, 4, 8]"])
+    assert cfg.schedule.transition(1) == "update"  # the paper's literal timing
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_overrides({}, ["memory.rank"])
+    with pytest.raises(ConfigError, match="exactly section.field"):
+        apply_overrides({}, ["rank=3"])
+
+
+def test_to_dict_is_plain():
+    d = config_to_dict(load_config())
+    assert isinstance(d["memory"]["capacity"], list)
+    assert config_from_dict(d) == load_config()
