@@ -52,6 +52,16 @@ class ModelConfig:
     tokenizer_corpus: str | None = None
     vocab_size: int = 512
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "eager" on CPU: torch.func has no batching rule for the CPU SDPA kernel, which makes the
+    # batched per-dream gradients ~10x slower; GPU configs use "sdpa" or "flash_attention_2".
+    attn_implementation: str = "eager"
+    # A tiny base is pretrained (all weights) on the synthetic base language, plus CLINC150's
+    # wiki sentences when present, before any memory exists; cached by content hash. 0 = keep
+    # the random weights.
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    pretrain_base_sentences: int = 4000
     trust_remote_code: bool = False
     seed: int = 0
 
@@ -220,12 +230,17 @@ class DreamingConfig:
     tau_examples: int = 8  # held-out wake examples forming the score tau
     max_new_tokens: int = 32
     temperature: float = 1.0
-    lora_rank: int = 4
+    lora_rank: int = 4  # rank of each dream's isolated LoRA copy (peft)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     inner_steps: int = 4
     inner_lr: float = 5e-3
-    dreamer_rank: int = 4  # rank of the dreamer adapter trained by ReST-EM
+    dreamer: bool = True  # train a dreamer adapter by ReST-EM (active only while dreaming)
+    dreamer_rank: int = 4
+    dreamer_targets: tuple[str, ...] = ("q_proj", "v_proj")
     rest_em_steps: int = 4
+    rest_em_lr: float = 1e-3
     apply_steps: int = 4  # SFT steps of the newest expert on rewarded dreams
+    apply_lr: float = 5e-3
 
     def validate(self, at: str) -> None:
         if self.top_k < 0 or self.num_random < 0:
@@ -275,7 +290,8 @@ class DataConfig:
     val_per_task: int = 16
     test_per_task: int = 16
     batch_size: int = 8
-    max_length: int = 64
+    max_length: int = 64  # tokens of prompt + completion
+    max_new_tokens: int = 32  # generation length when a task is scored by chrF
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from sleep_ray.data.clinc150 import default_clinc150_root, load_clinc150, load_c
 from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
 from sleep_ray.data.jsonl import StreamError, load_jsonl_stream
 from sleep_ray.data.languages import base_corpus, make_languages, synthetic_language_stream
+from sleep_ray.config import DataConfig
 from sleep_ray.types import Stream
 
 STREAM_KINDS = ("jsonl", "clinc150", "synthetic_languages")
@@ -29,7 +30,27 @@ def load_stream(kind: str, **kwargs) -> Stream:
     raise ValueError(f"unknown stream kind {kind!r}; expected one of {STREAM_KINDS}")
 
 
+def stream_from_config(cfg: DataConfig, seed: int = 0) -> Stream:
+    """The stream a run's `data` section names, with its sizes."""
+    if cfg.stream == "jsonl":
+        if cfg.path is None:
+            raise ValueError("data.stream=jsonl needs data.path (a JSONL file)")
+        stream = load_jsonl_stream(cfg.path)
+        return Stream(stream.name, stream.tasks[:cfg.num_tasks] if cfg.num_tasks else stream.tasks,
+                      stream.meta)
+    if cfg.stream == "clinc150":
+        per_intent = lambda n: max(1, -(-n // 15))  # CLINC150 tasks have 15 intents each
+        return load_stream("clinc150", root=cfg.path, num_tasks=cfg.num_tasks,
+                           train_per_intent=per_intent(cfg.train_per_task),
+                           val_per_intent=per_intent(cfg.val_per_task),
+                           test_per_intent=per_intent(cfg.test_per_task), seed=seed)
+    return load_stream("synthetic_languages", num_languages=cfg.num_tasks,
+                       train_per_task=cfg.train_per_task, val_per_task=cfg.val_per_task,
+                       test_per_task=cfg.test_per_task, seed=seed)
+
+
 __all__ = [
+    "stream_from_config",
     "STREAM_KINDS",
     "StreamError",
     "base_corpus",

@@ -95,14 +95,15 @@ def load_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     dtype = DTYPES[cfg.dtype]
     if cfg.name_or_path == "tiny":
         torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer), dtype=dtype,
+                                                 attn_implementation=cfg.attn_implementation)
     else:
         local = Path(cfg.name_or_path).exists()
         if _looks_like_path(cfg.name_or_path) and not local:
             raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r}: path does not exist")
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, dtype=dtype, local_files_only=local, use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code)
+            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
@@ -117,8 +118,9 @@ def build_model(cfg: SleepConfig, corpus: Iterable[str] | None = None, with_memo
     """
     tokenizer = build_tokenizer(cfg.model, corpus)
     if backbone_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(backbone_path, local_files_only=True,
-                                                     use_safetensors=True, dtype=DTYPES[cfg.model.dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            backbone_path, local_files_only=True, use_safetensors=True,
+            dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.eval()
     else:

@@ -152,7 +152,14 @@ class ExpertPool(nn.Module):
             has_extra = noise.max(-1, keepdim=True).values >= 0  # (B, T, 1): any candidate left
             extra = F.one_hot(noise.argmax(-1), self.capacity).bool() & has_extra
             selected = selected | extra
-        weights = scores.masked_fill(~selected, neg).softmax(dim=-1)
+        logits = scores.masked_fill(~selected, neg)
+        if self.router_kind == "linear":
+            # A learned row competes with an implicit "no expert" logit of 0, so the gate keeps
+            # a gradient even when one expert is selected (a softmax over one entry is always 1).
+            null = torch.zeros_like(logits[..., :1])
+            weights = torch.cat([logits, null], dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            weights = logits.softmax(dim=-1)
         return weights * selected  # exact zeros off the selection: zero output, zero gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Which dreams are kept and which earn a reward (METHOD.md §5 steps 2-4).
+
+Owns: keeping the top-k dreams by importance plus b drawn at random from the rest (and the
+purely random selection of the "gradient selection off" ablation); the binary reward of a dream
+(its isolated LoRA copy improves tau); and the ReST-EM E-step that keeps the rewarded
+(context, dream) pairs for the generator's supervised fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+def select_dreams(scores: Tensor, top_k: int, num_random: int,
+                  generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """Indices of the kept dreams: the top_k by score, then num_random of the rest at random.
+
+    scores: (M,) importance omega of each dream. Returns (K,) int64 with K = min(M, top_k +
+    num_random): the top-k first, by descending score, then the random picks (drawn uniformly
+    without replacement). Ties are broken by the lower index (stable sort), so the result
+    depends only on scores and the generator. If top_k + num_random >= M every dream is kept.
+    """
+    if top_k < 0 or num_random < 0:
+        raise ValueError(f"top_k and num_random must be >= 0, got {top_k}, {num_random}")
+    scores_f = scores.detach().float().cpu()  # (M,)
+    m = scores_f.numel()
+    # A nan score (a diverged gradient) ranks last: torch.sort would otherwise put it first.
+    ranked = torch.nan_to_num(scores_f, nan=float("-inf"))
+    order = torch.sort(ranked, descending=True, stable=True).indices  # (M,)
+    if top_k + num_random >= m:
+        kept = order
+    else:
+        rest = order[top_k:]  # (M - top_k,)
+        picks = torch.randperm(rest.numel(), generator=generator)[:num_random]
+        kept = torch.cat([order[:top_k], rest[picks]])
+    stats = {"select/num_dreams": float(m), "select/num_kept": float(kept.numel()),
+             "select/score_mean": scores_f.mean().item() if m else 0.0,
+             "select/score_mean_kept": scores_f[kept].mean().item() if kept.numel() else 0.0}
+    return kept, stats
+
+
+def random_selection(num_dreams: int, k: int, generator: torch.Generator) -> Tensor:
+    """k dream indices drawn uniformly without replacement (all of them if k >= M). (K,)."""
+    return torch.randperm(num_dreams, generator=generator)[:k]
+
+
+def tau_improvement_reward(score_copy: float, score_base: float, min_delta: float = 0.0) -> float:
+    """1.0 if the dream's LoRA copy beats the unmodified model on tau by more than min_delta."""
+    return 1.0 if score_copy > score_base + min_delta else 0.0
+
+
+def rest_em_filter(pairs: Sequence[T], rewards: Sequence[float] | Tensor,
+                   threshold: float = 0.5) -> list[T]:
+    """ReST-EM E-step: the (context, dream) pairs whose reward is >= threshold, in order.
+
+    With the binary rewards of `tau_improvement_reward`, the default 0.5 keeps exactly the 1s.
+    """
+    rewards = rewards.tolist() if isinstance(rewards, Tensor) else list(rewards)
+    if len(pairs) != len(rewards):
+        raise ValueError(f"{len(pairs)} pairs but {len(rewards)} rewards")
+    return [p for p, r in zip(pairs, rewards) if r >= threshold]

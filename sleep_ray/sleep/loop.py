@@ -1,0 +1,156 @@
+"""The Sleep life cycle over a task stream, in one process: the reference run.
+
+    for each task, for each batch:      wake_step            (fast level accumulates, Eq. 2)
+        plan = clock.tick()             updates due          (levels whose chunk ended)
+        for (l-1, l) in plan:           consolidate          (teacher, transition, expand, seed, prune)
+        after a sleep:                  dream                (generate, select, LoRA copies, ReST-EM)
+    after each task:                    evaluate             (a row of the accuracy matrix R)
+
+The Ray driver runs the same phases in the same order with the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sleep_ray.config import SleepConfig
+from sleep_ray.eval.evaluate import score_stream
+from sleep_ray.eval.metrics import summarize
+from sleep_ray.schedule import CMSClock, StepPlan
+from sleep_ray.sleep.generation import phase_seed
+from sleep_ray.sleep.learner import Learner
+from sleep_ray.types import Example, Stream, Task
+
+
+def task_batches(task: Task, batch_size: int, seed: int, epoch: int) -> Iterator[list[Example]]:
+    """The task's train split in a seeded shuffled order, `batch_size` at a time."""
+    g = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    order = torch.randperm(len(task.train), generator=g).tolist()
+    for start in range(0, len(order), batch_size):
+        yield [task.train[i] for i in order[start:start + batch_size]]
+
+
+@dataclass
+class RunRecord:
+    """What a run leaves behind: R, per-phase seconds, per-step metrics, memory versions."""
+
+    R: list[list[float]] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    metrics: list[dict] = field(default_factory=list)
+    cycles: int = 0
+    memory_versions: list[int] = field(default_factory=list)
+
+    def timed(self, phase: str):
+        record = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                record.phase_seconds[phase] += time.perf_counter() - self.t0
+
+        return _Timer()
+
+    def summary(self, cfg_dict: dict | None = None) -> dict:
+        out = {"cycles": self.cycles, "phase_seconds": dict(self.phase_seconds),
+               "memory_versions": self.memory_versions, "R": self.R}
+        out |= summarize(self.R) if self.R else {}
+        if cfg_dict is not None:
+            out["config"] = cfg_dict
+        return out
+
+
+class LocalSleepRun:
+    """Drives a `Learner` over a stream on the CMS clock; every phase named and timed."""
+
+    def __init__(self, cfg: SleepConfig, learner: Learner, stream: Stream,
+                 log: Callable[[dict], None] | None = None):
+        self.cfg, self.learner, self.stream = cfg, learner, stream
+        self.clock = CMSClock(cfg.schedule)
+        self.record = RunRecord()
+        self._user_log = log
+
+    def log(self, row: dict) -> None:
+        self.record.metrics.append(row)
+        if self._user_log is not None:
+            self._user_log(row)
+
+    def run(self) -> RunRecord:
+        for t, task in enumerate(self.stream.tasks):
+            self.learn_task(task)
+            self.evaluate(t)
+        return self.record
+
+    def learn_task(self, task: Task) -> None:
+        steps = -(-len(task.train) // self.cfg.data.batch_size) * self.cfg.run.epochs_per_task
+        bar = tqdm(total=steps, desc=f"wake {task.name}", leave=False, disable=None)
+        for epoch in range(self.cfg.run.epochs_per_task):
+            for batch in task_batches(task, self.cfg.data.batch_size, self.cfg.run.seed, epoch):
+                with self.record.timed("wake"):
+                    stats = self.learner.wake_step(batch)
+                plan = self.clock.tick()
+                self.after_step(plan, task)
+                self.log({"step": plan.step, **stats})
+                bar.update(1)
+        bar.close()
+
+    def after_step(self, plan: StepPlan, task: Task) -> None:
+        sources = {source for source, _ in plan.consolidations}
+        with self.record.timed("update"):
+            self.learner.apply_updates([lv for lv in plan.updates if lv not in sources])
+        if plan.consolidations:
+            self.sleep(plan, task)
+
+    def sleep(self, plan: StepPlan, task: Task) -> None:
+        """Consolidate every due level, fastest first, then dream once."""
+        seed = self.cfg.run.seed
+        for source, target in plan.consolidations:
+            phase = f"consolidate_{source}_to_{target}"
+            with self.record.timed(phase):
+                data = self.learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"))
+                stats = self.learner.consolidate(source, target, data,
+                                                 phase_seed(seed, plan.step, f"{phase}/student"))
+            self.log({"step": plan.step, **stats})
+        if self.cfg.dreaming.enabled:
+            with self.record.timed("dream"):
+                stats = self.learner.dream(*dream_task(self.cfg, self.learner, task),
+                                           seed=phase_seed(seed, plan.step, "dream"))
+            self.log({"step": plan.step, **stats})
+        self.record.cycles += 1
+        self.record.memory_versions.append(self.learner.version)
+
+    def evaluate(self, t: int) -> None:
+        with self.record.timed("evaluate"):
+            row = score_stream(self.learner.model, self.learner.tok, self.stream.tasks, "test",
+                               self.cfg.data.max_length, self.cfg.data.max_new_tokens)
+        self.record.R.append(row)
+        self.log({"step": self.clock.step, "eval/after_task": t,
+                  **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
+
+
+def dream_task(cfg: SleepConfig, learner: Learner, task: Task) -> tuple[list[Example], list[Example]]:
+    """(C, tau examples): the most recent wake examples, and a slice of the current task's val
+    split (held out from wake: never trained on)."""
+    d = cfg.dreaming
+    return list(learner.recent)[-d.context_examples:], list(task.val[:d.tau_examples])
+
+
+def write_run(out_dir: str | Path, record: RunRecord, cfg_dict: dict, learner: Learner) -> dict:
+    """summary.json and the final memory state in `out_dir` (metrics.jsonl is written live)."""
+    from sleep_ray.model.state import save_memory_state
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = record.summary(cfg_dict)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    save_memory_state(learner.memory_state(), out / "memory.safetensors")
+    return summary

@@ -1,0 +1,135 @@
+"""Knowledge seeding (METHOD.md section 4): distil the teacher into one new expert.
+
+`seed_expert` trains only the new expert (and its router row when the router is learned) so
+that the student, the model after the transition and the expansion, behaves as the teacher did:
+
+    loss = alpha * [(1 - lam) F(teacher samples) + lam F(student samples)] + (1 - alpha) * L_pg
+
+F is the generalized JSD over completion tokens; L_pg is the Learning-to-Imitate policy
+gradient (student completions of random teacher-sample prefixes, rewarded by edit distance and a
+semantic judge, group baseline). With `seeding.lti: false` the loss is the divergence alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from sleep_ray.algo.divergence import per_sequence_jsd, seeding_loss
+from sleep_ray.algo.imitation import (ExactJudge, SemanticJudge, group_advantages,
+                                      imitation_reward, lti_objective, policy_gradient_loss,
+                                      random_prefix_cut)
+from sleep_ray.config import SeedingConfig
+from sleep_ray.sleep.generation import memory_view, pairs_to_batch, sample
+from sleep_ray.types import MemoryState
+
+
+@dataclass(frozen=True)
+class SeedingData:
+    """D: samples of the teacher, as (prompt ids, completion ids) pairs."""
+
+    pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+
+def seeding_data(prompts, completions) -> SeedingData:
+    """D from sampled completions; too-short samples (< 2 tokens) carry nothing to distil."""
+    return SeedingData(tuple((tuple(p), tuple(c)) for p, c in zip(prompts, completions) if len(c) >= 2))
+
+
+def make_judge(kind: str, threshold: float) -> SemanticJudge:
+    if kind == "embedding":
+        from sleep_ray.algo.imitation import EmbeddingJudge
+
+        return EmbeddingJudge(threshold=threshold)
+    return ExactJudge()
+
+
+def completion_logits(model: nn.Module, pairs, pad_id: int):
+    """Logits aligned with completion tokens: (B, T-1, V) predicting tokens 1..T, and the mask."""
+    batch, mask = pairs_to_batch(pairs, pad_id)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[:, :-1], mask, batch
+
+
+def divergence_on(model: nn.Module, teacher: MemoryState, pairs, pad_id: int, beta: float,
+                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence F(teacher || student) on `pairs`' completion tokens. (B,)."""
+    student, mask, batch = completion_logits(model, pairs, pad_id)
+    if teacher_logits is None:
+        with torch.no_grad(), memory_view(model, teacher):
+            teacher_logits = model(input_ids=batch.input_ids,
+                                   attention_mask=batch.attention_mask).logits[:, :-1]
+    return per_sequence_jsd(student, teacher_logits, mask, beta=beta)
+
+
+def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: SeedingConfig,
+                   judge: SemanticJudge, generator: torch.Generator, seed: int):
+    """Learning to Imitate: cut, complete (group of S per prefix), reward, policy gradient."""
+    prefixes, refs = [], []
+    for prompt, completion in pairs:
+        if len(completion) < 2:
+            continue
+        cut = random_prefix_cut(list(completion), generator)
+        prefixes.append(list(prompt) + list(completion[:cut]))
+        refs.append(tok.decode(completion[cut:], skip_special_tokens=True))
+    if not prefixes:
+        return None, {}
+    group = cfg.group_size
+    prompts = [p for p in prefixes for _ in range(group)]  # (G * S) prompts
+    completions = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed)
+    preds = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    rewards = imitation_reward(preds, [r for r in refs for _ in range(group)], judge,
+                               cfg.gamma, cfg.z0).view(len(prefixes), group)  # (G, S)
+    adv = group_advantages(rewards).flatten()  # (G * S,)
+    pairs_done = [(p, c) for p, c in zip(prompts, completions) if c]
+    keep = torch.tensor([bool(c) for c in completions])
+    logits, mask, batch = completion_logits(model, pairs_done, tok.pad_token_id)
+    logp = F.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    loss, stats = policy_gradient_loss(logp, mask, adv[keep])
+    stats["lti/reward_mean"] = rewards.mean().item()
+    return loss, stats
+
+
+def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
+                data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
+                generator: torch.Generator, seed: int, batch_size: int = 8) -> dict[str, float]:
+    """Train `params` (the new expert) for cfg.steps on D; returns the last step's stats.
+
+    `seed` feeds the student's sampling (on-policy data, LTI completions) step by step, so the
+    whole phase is deterministic given (model, D, seed).
+    """
+    pad = tok.pad_token_id
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    judge = make_judge(cfg.judge, cfg.judge_threshold) if cfg.lti and cfg.gamma > 0 else None
+    pairs = list(data.pairs)
+    stats: dict[str, float] = {}
+    first_div = None
+    for step in range(cfg.steps):
+        idx = torch.randperm(len(pairs), generator=generator)[:batch_size].tolist()
+        batch_pairs = [pairs[i] for i in idx]
+        off = divergence_on(model, teacher, batch_pairs, pad, cfg.beta) if cfg.lam < 1 else None
+        on = None
+        if cfg.lam > 0:  # on-policy: the student completes D's prompts; no gradient through it
+            prompts = [list(p) for p, _ in batch_pairs]
+            student = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature,
+                             seed * 7919 + step)
+            on_pairs = [(p, tuple(c)) for p, c in zip(prompts, student) if c]
+            on = divergence_on(model, teacher, on_pairs, pad, cfg.beta) if on_pairs else None
+        div, stats = seeding_loss(off, on if on is not None else torch.zeros(1), cfg.lam)
+        loss = div
+        if cfg.lti:
+            pg, lti_stats = imitation_loss(model, tok, batch_pairs, cfg, judge or ExactJudge(),
+                                           generator, seed * 7919 + 104729 + step)
+            if pg is not None:
+                loss, mix_stats = lti_objective(div, pg, cfg.alpha)
+                stats |= lti_stats | mix_stats
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        first_div = stats["seed/loss"] if first_div is None else first_div
+    stats["seed/first_loss"] = first_div if first_div is not None else float("nan")
+    return stats

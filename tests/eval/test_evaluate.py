@@ -1,0 +1,135 @@
+"""Task scoring on a tiny model built offline: batched results against one-at-a-time loops."""
+
+import pytest
+import torch
+
+from sleep_ray.config import load_config
+from sleep_ray.data.collate import collate_examples
+from sleep_ray.data.languages import synthetic_language_stream
+from sleep_ray.eval.evaluate import (
+    classify_by_likelihood,
+    completion_logprobs,
+    completion_nll,
+    generate_greedy,
+    score_examples,
+    score_stream,
+)
+from sleep_ray.model.build import build_model
+from sleep_ray.types import Example, Task
+
+PAIRS = [
+    ("translate: the cat sees", " a small bird"),
+    ("hi", " the quick brown fox jumps over"),
+    ("utterance: what is my account balance\nintent:", " balance"),
+    ("a model learns while awake and", " sleeps"),
+]
+PROMPT = "utterance: what is my account balance\nintent:"
+INTENTS = (" weather", " balance", " set alarm", " transfer")
+
+
+def _tiny():
+    cfg = load_config(None, ["memory.capacity=[1, 2, 2]", "memory.top_k=[1, 1, 1]"])
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The tiny model trained until PROMPT is completed by ' balance' then EOS."""
+    model, tok = _tiny()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = collate_examples(tok, [Example("t", "train", PROMPT, " balance")], max_length=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(40):
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     labels=batch.labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    return model, tok
+
+
+def _logprob_by_hand(model, tok, prompt, completion, eos=False):
+    """One unpadded forward: sum over completion tokens of log p(token | everything before)."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids + ([tok.eos_token_id] if eos else [])
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)  # (T, V)
+    return sum(logp[len(p) + i - 1, t].item() for i, t in enumerate(c)), len(c)
+
+
+def test_completion_logprobs_match_single_forwards(tiny):
+    model, tok = tiny
+    batched = completion_logprobs(model, tok, PAIRS, max_length=64, batch_size=len(PAIRS))
+    by_hand = torch.tensor([_logprob_by_hand(model, tok, p, c)[0] for p, c in PAIRS])
+    assert batched.shape == (len(PAIRS),)
+    torch.testing.assert_close(batched, by_hand, atol=1e-5, rtol=0)
+    # Batch composition (which rows share padding) must not matter either.
+    torch.testing.assert_close(completion_logprobs(model, tok, PAIRS, 64, batch_size=3), batched,
+                               atol=1e-5, rtol=0)
+
+
+def test_completion_nll_is_token_weighted_mean_with_eos(tiny):
+    model, tok = tiny
+    examples = [Example("t", "test", p, c) for p, c in PAIRS]
+    sums_counts = [_logprob_by_hand(model, tok, p, c, eos=True) for p, c in PAIRS]
+    expected = -sum(s for s, _ in sums_counts) / sum(n for _, n in sums_counts)
+    assert completion_nll(model, tok, examples, max_length=64, batch_size=3) == pytest.approx(
+        expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_classify_matches_brute_force_per_choice(tiny, normalize):
+    model, tok = tiny
+    examples = [Example("t", "test", p, INTENTS[i % len(INTENTS)], INTENTS)
+                for i, (p, _) in enumerate(PAIRS)]
+    preds = classify_by_likelihood(model, tok, examples, 64, batch_size=5, normalize=normalize)
+    for ex, pred in zip(examples, preds):
+        scores = [_logprob_by_hand(model, tok, ex.prompt, c) for c in ex.choices]
+        values = [s / n if normalize else s for s, n in scores]
+        assert pred == ex.choices[max(range(len(values)), key=values.__getitem__)]
+
+
+def test_trained_model_is_classified_and_generated_right(trained):
+    model, tok = trained
+    ex = Example("t", "test", PROMPT, " balance", INTENTS)
+    assert classify_by_likelihood(model, tok, [ex], 64) == [" balance"]
+    assert score_examples(model, tok, [ex], "accuracy", 64) == 1.0
+    # Greedy decoding stops at the learned EOS; the completion comes back stripped.
+    assert generate_greedy(model, tok, [PROMPT], max_new_tokens=8) == ["balance"]
+    assert score_examples(model, tok, [ex], "chrf", 64, max_new_tokens=8) == 1.0
+    assert model.training  # scoring hands the model back in the mode it came in
+
+
+def test_generate_greedy_batched_equals_one_at_a_time(tiny):
+    model, tok = tiny
+    prompts = [p for p, _ in PAIRS]  # different lengths: left padding in the batch
+    one = generate_greedy(model, tok, prompts, max_new_tokens=10, batch_size=1)
+    assert generate_greedy(model, tok, prompts, max_new_tokens=10, batch_size=4) == one
+    assert all(isinstance(s, str) and s == s.strip() for s in one)
+
+
+def test_score_stream_gives_one_score_per_task(tiny):
+    model, tok = tiny
+    stream = synthetic_language_stream(num_languages=2, train_per_task=2, val_per_task=1,
+                                       test_per_task=3)
+    clf = [Example("clf", "test", p, INTENTS[1], INTENTS) for p, _ in PAIRS]
+    tasks = list(stream.tasks) + [Task("clf", (), (), tuple(clf), "accuracy")]
+    row = score_stream(model, tok, tasks, split="test", max_length=64, max_new_tokens=6)
+    assert len(row) == len(tasks)
+    assert all(0.0 <= s <= 1.0 for s in row)
+
+
+def test_bad_inputs_raise(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="no choices"):
+        classify_by_likelihood(model, tok, [Example("t", "test", "hi", " there")], 64)
+    with pytest.raises(ValueError, match="metric"):
+        score_examples(model, tok, [Example("t", "test", "hi", " there")], "bleu", 64)
