@@ -3,6 +3,7 @@
     sleep-ray run --config jobs/configs/tiny.yaml --set run.engine=local --output runs/x
     sleep-ray config --config FILE [--set k=v ...]       print the resolved config
     sleep-ray footprint [--config FILE]                   bytes of expert / memory / model
+    sleep-ray bench continual --stream ... --output DIR   Sleep vs the baselines (report + plots)
 """
 
 from __future__ import annotations
@@ -50,11 +51,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_footprint(args: argparse.Namespace) -> int:
-    sys.path.insert(0, ".")
-    from benchmarks.memory_footprint import main as footprint_main
+    from sleep_ray.bench.footprint import main as footprint_main
 
     argv = (["--config", args.config] if args.config else []) + sum((["--set", o] for o in args.overrides), [])
     footprint_main(argv)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "continual":
+        from sleep_ray.bench.continual import main as continual_main
+
+        continual_main(args.rest)
+    else:
+        from sleep_ray.bench.footprint import main as footprint_main
+
+        footprint_main(args.rest)
     return 0
 
 
@@ -71,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("footprint", help="bytes of one expert, a memory state and the model")
     _config_args(p)
     p.set_defaults(func=cmd_footprint)
+    p = sub.add_parser("bench", help="benchmarks: `continual` (Sleep vs baselines), `footprint`",
+                       add_help=False)
+    p.add_argument("which", choices=["continual", "footprint"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (--help)")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -23,7 +23,7 @@ def phase_seed(run_seed: int, step: int, phase: str) -> int:
     """The sampling seed of one phase at one wake step: a pure function of (seed, step, phase),
     so the one-process run, the Ray driver and a resumed run all draw the same samples."""
     digest = hashlib.sha256(f"{run_seed}/{step}/{phase}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest[:4], "little")  # 32 bits: room to derive sub-seeds in int64
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Benchmarks: the continual-learning comparison and the memory footprint (also `sleep-ray bench`)."""

@@ -1,0 +1,92 @@
+"""`sleep-ray bench continual`: Sleep and the baselines on one stream, side by side.
+
+    sleep-ray bench continual --stream synthetic_languages --methods sleep,naive_memory,ewc \\
+        --config benchmarks/configs/languages.yaml --output runs/bench_languages
+    sleep-ray bench continual --stream jsonl --path my_stream.jsonl --output runs/mine
+
+Every method sees the same model, stream order, batches and evaluation; the output folder gets
+report.md (the exact command in its header), results.csv, R.csv, heatmaps.png and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sleep_ray.baselines.config import BaselineConfig
+from sleep_ray.baselines.run import METHODS as BASELINES
+from sleep_ray.baselines.run import run_baseline
+from sleep_ray.config import SleepConfig, config_to_dict, load_config, save_config
+from sleep_ray.data import stream_from_config
+from sleep_ray.eval.report import MethodResult, write_report
+from sleep_ray.sleep.learner import Learner
+from sleep_ray.sleep.loop import LocalSleepRun, RunRecord
+from sleep_ray.sleep.pretrain import build_sleep_model
+from sleep_ray.types import Stream
+
+METHODS = ("sleep",) + BASELINES
+
+
+def run_sleep(cfg: SleepConfig, stream: Stream) -> RunRecord:
+    model, tok = build_sleep_model(cfg)
+    return LocalSleepRun(cfg, Learner(cfg, model, tok), stream).run()
+
+
+def run_method(method: str, cfg: SleepConfig, stream: Stream, bcfg: BaselineConfig) -> MethodResult:
+    torch.manual_seed(cfg.run.seed)
+    t0 = time.perf_counter()
+    record = run_sleep(cfg, stream) if method == "sleep" else run_baseline(method, cfg, stream, bcfg)
+    return MethodResult(method, record.R, time.perf_counter() - t0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="sleep-ray bench continual", description=__doc__.splitlines()[0])
+    ap.add_argument("--stream", choices=["synthetic_languages", "clinc150", "jsonl"], default=None,
+                    help="stream kind (default: the config's data.stream)")
+    ap.add_argument("--path", default=None, help="JSONL file or CLINC150 folder")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--config", default=None, help="YAML config of the Sleep run and the shared model")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--output", required=True, help="output folder")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.stream:
+        overrides.append(f"data.stream={args.stream}")
+    if args.path:
+        overrides.append(f"data.path={args.path}")
+    cfg = load_config(args.config, overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    stream = stream_from_config(cfg.data, cfg.run.seed)
+    t0 = time.perf_counter()
+    results = []
+    for method in methods:
+        print(f"[bench] {method} ...", flush=True)
+        results.append(run_method(method, cfg, stream, BaselineConfig()))
+        print(f"[bench] {method}: final row {[round(x, 3) for x in results[-1].R[-1]]} "
+              f"({results[-1].seconds:.0f} s)", flush=True)
+        (out / "raw.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    command = "sleep-ray bench continual " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    header = {"stream": f"{cfg.data.stream} ({len(stream.tasks)} tasks: {', '.join(t.name for t in stream.tasks)})",
+              "model": f"{cfg.model.name_or_path} {cfg.model.arch} hidden {cfg.model.hidden_size} x {cfg.model.num_layers} layers",
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "wall time": f"{time.perf_counter() - t0:.0f} s for all methods"}
+    text = write_report(out, results, [t.name for t in stream.tasks], command, header)
+    print(text)
+    return text
