@@ -40,7 +40,7 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 16
+    head_dim: int = 32  # vLLM's CPU attention needs >= 32
     intermediate_size: int = 128
     max_position_embeddings: int = 256
     num_experts: int = 4  # backbone MoE experts (qwen3_moe only)
@@ -62,6 +62,7 @@ class ModelConfig:
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
     pretrain_base_sentences: int = 4000
+    pretrain_skill_lines: int = 4000  # generic format skills (data/corpus.py::format_skills)
     trust_remote_code: bool = False
     seed: int = 0
 

@@ -57,7 +57,7 @@ def run_baseline(method: str, cfg: SleepConfig, stream: Stream, bcfg: BaselineCo
     model, tok = build(cfg)
     M.freeze_memory(model)
     record = RunRecord()
-    budget = count(fast_expert(model))
+    budget = count(dict(M.expert_parameters(model, 1)))  # Sleep's wake budget
     if method == "naive_memory":
         run = Method(method, fast_expert(model))
     elif method == "naive_lora":

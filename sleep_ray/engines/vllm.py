@@ -1,12 +1,16 @@
 """The vLLM backend: a `vllm.LLM` running the memory-carrying model of `vllm_model.py`.
 
-`save_for_vllm` writes a model (backbone + memory) as a folder vLLM loads: config.json names our
-architecture and carries the memory config as `sleep_memory`. `VLLMEngine` loads that folder once;
-afterwards only the memory moves: a `MemoryState` is written to a safetensors file and the worker
-copies it into its memory parameters in place (no restart, no backbone traffic). Dream batches
+`VLLMEngine` loads a folder written by `vllm_checkpoint.save_for_vllm` once; afterwards only the
+memory moves: a `MemoryState` is written to a safetensors file on the node and the worker copies it
+into its memory parameters in place (no restart, no backbone traffic). Dream batches
 flip the memory's tensor-valued injection switch on the worker before generating and off after.
 The prefix cache is cleared whenever the memory or the mode changes: cached KV blocks were
 computed by the old memory.
+
+Reproducibility: sampling is seeded per request (a call repeats exactly). The dream injection
+draws come from the worker's RNG, seeded per call, but are laid onto tokens in vLLM's batch
+order, which its slot reuse can change between calls: a dream call repeats exactly only when
+the layout does (e.g. one prompt). The HF engine repeats any call exactly.
 """
 
 from __future__ import annotations
@@ -16,41 +20,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from sleep_ray.config import SleepConfig, config_to_dict
 from sleep_ray.engines.base import check_version
-from sleep_ray.engines.vllm_model import CONFIG_KEY
-from sleep_ray.engines.vllm_plugin import ARCHITECTURES, register
+from sleep_ray.engines.vllm_checkpoint import CONFIG_KEY
+from sleep_ray.engines.vllm_plugin import register
 from sleep_ray.engines.vllm_worker import SleepWorkerExtension
 from sleep_ray.model.state import save_memory_state
 from sleep_ray.types import MemoryState
 
 _WORKER_EXTENSION = f"{SleepWorkerExtension.__module__}.{SleepWorkerExtension.__qualname__}"
-
-
-def save_for_vllm(model: nn.Module, tok: PreTrainedTokenizerBase, cfg: SleepConfig,
-                  out_dir: str | Path, version: int = 0) -> Path:
-    """Save model, memory and tokenizer as a folder `VLLMEngine` loads; returns the folder.
-
-    `version` is the memory version the saved weights hold (the engine starts there).
-    """
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    path = out / "config.json"
-    config = json.loads(path.read_text())
-    arch = config["architectures"][0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture {arch!r} has no memory-carrying vLLM class "
-                         f"(supported: {sorted(ARCHITECTURES)})")
-    config["architectures"] = [ARCHITECTURES[arch]]
-    config[CONFIG_KEY] = dict(config_to_dict(cfg.memory), seed=cfg.run.seed, version=version)
-    path.write_text(json.dumps(config, indent=2))
-    return out
 
 
 class VLLMEngine:
@@ -102,7 +82,8 @@ class VLLMEngine:
                                                args=(str(path),))
         finally:
             path.unlink(missing_ok=True)
-        assert all(v == state.version for v in versions), versions
+        if any(v != state.version for v in versions):
+            raise RuntimeError(f"workers report memory versions {versions}, expected v{state.version}")
         self.llm.reset_prefix_cache()
         self._version = state.version
 

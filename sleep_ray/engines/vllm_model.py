@@ -7,12 +7,13 @@ to each MLP's output by a forward hook, exactly as on the transformers side:
     out(h) = MLP(h) + LayerMemory(h)        h: the MLP input (post-attention RMSNorm output)
 
 Parameter names are ours (`model.layers.{i}.memory.levels.{l}.A.{e}`, ...), so a checkpoint saved
-by `save_for_vllm` and every later `MemoryState` load by name. The memory config travels in the
-checkpoint's config.json as a `sleep_memory` dict. vLLM hands a layer its tokens flattened as
-(num_tokens, d); the pools see them as one (1, num_tokens, d) batch, which is exact for per-token
-routing. Sequence routing needs per-request state that vLLM's flat batch does not carry, and the
-router branches in Python on the dream switch, which neither torch.compile (fullgraph) nor CUDA
-graphs can capture: both are refused with an error that says so. Import only inside vLLM.
+by `save_for_vllm` and every later `MemoryState` load by name; the memory config travels in the
+checkpoint's config.json as a `sleep_memory` dict (vllm_checkpoint.py). vLLM hands a layer its
+tokens flattened as (num_tokens, d); the pools see them as one (1, num_tokens, d) batch, which is
+exact for per-token routing. Sequence routing needs per-request state that vLLM's flat batch does
+not carry, and the router branches in Python on the dream switch, which neither torch.compile
+(fullgraph) nor CUDA graphs can capture: both are refused with an error that says so.
+Imported only inside vLLM's processes (through the plugin's lazy registration).
 """
 
 from __future__ import annotations
@@ -26,27 +27,8 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from sleep_ray.config import MemoryConfig
+from sleep_ray.engines.vllm_checkpoint import CONFIG_KEY, memory_config_from_hf
 from sleep_ray.model.memory import LayerMemory
-
-CONFIG_KEY = "sleep_memory"  # the config.json entry holding the memory config (see save_for_vllm)
-
-
-def memory_config_from_hf(hf_config) -> tuple[MemoryConfig, int]:
-    """(MemoryConfig, seed) from the `sleep_memory` entry of a model's HF config."""
-    raw = getattr(hf_config, CONFIG_KEY, None)
-    if not isinstance(raw, dict):
-        raise ValueError(f"config.json has no {CONFIG_KEY!r} dict: save the model with "
-                         "sleep_ray.engines.vllm.save_for_vllm")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-              if k not in ("seed", "version")}
-    cfg = MemoryConfig(**values)
-    cfg.validate(CONFIG_KEY)
-    if cfg.routing != "token":
-        raise ValueError(f"{CONFIG_KEY}.routing={cfg.routing!r}: the vLLM engine supports per-token "
-                         "routing only (sequence routing keeps per-request state that vLLM's "
-                         "flattened batch does not carry); use rollout.backend=hf")
-    return cfg, int(raw.get("seed", 0))
 
 
 def _add_flat_memory_hook(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

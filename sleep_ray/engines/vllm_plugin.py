@@ -7,15 +7,11 @@ classes are registered lazily by "module:class" so that loading the plugin impor
 
 from __future__ import annotations
 
-# vLLM's architecture -> ours, which extends it with the memory (see vllm_model.py)
-ARCHITECTURES = {
-    "Qwen3ForCausalLM": "SleepQwen3ForCausalLM",
-    "LlamaForCausalLM": "SleepLlamaForCausalLM",
-}
-
 
 def register() -> None:
     from vllm import ModelRegistry
+
+    from sleep_ray.engines.vllm_checkpoint import ARCHITECTURES
 
     for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():

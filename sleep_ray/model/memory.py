@@ -58,6 +58,7 @@ class ExpertPool(nn.Module):
         self.register_buffer("usage", torch.zeros(self.capacity))  # routed gate mass, for merging
         self.register_buffer("inject", torch.zeros((), dtype=torch.bool))  # random-expert switch
         self.track_usage = False
+        self.route_mask: torch.Tensor | None = None  # (B, T_total) real tokens, sequence routing
         self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
         for e in range(self.capacity):
             self.reset_expert(e)
@@ -118,20 +119,29 @@ class ExpertPool(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def route_input(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) -> what the router scores: the token itself, or the causal prefix mean."""
+        """(B, T, d) -> what the router scores: the token itself, or the causal prefix mean.
+
+        The prefix mean skips padding: `route_mask` (B, T_total), set from the model's
+        attention mask by a pre-hook (see `attach_memory`), marks the real tokens; its last T
+        columns belong to this call.
+        """
         if not self.sequence_routing:
             return x
-        csum = x.cumsum(dim=1)  # (B, T, d)
-        count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+        if self.route_mask is not None and self.route_mask.shape[0] == x.shape[0]:
+            m = self.route_mask[:, -x.shape[1]:].to(x.dtype)
+        m = m[..., None]  # (B, T, 1)
+        csum = (x * m).cumsum(dim=1)  # (B, T, d)
+        count = m.cumsum(dim=1)  # (B, T, 1)
         if torch.is_grad_enabled():  # teacher-forced: the whole sequence is in this call
-            return csum / count
+            return csum / count.clamp_min(1.0)
         # Generation (no grad): a one-token call continues the running mean of the prompt and of
         # the tokens generated so far; any longer call is a new prefill and starts afresh.
         if x.shape[1] == 1 and self._seq_state is not None and len(self._seq_state[0]) == len(x):
             prev_sum, prev_count = self._seq_state
             csum, count = csum + prev_sum, count + prev_count
         self._seq_state = (csum[:, -1:], count[:, -1:])
-        return csum / count
+        return csum / count.clamp_min(1.0)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, E) gate weights; zero for unselected and inactive experts."""
@@ -199,6 +209,14 @@ def _add_memory_hook(mlp: nn.Module, inputs: tuple, output):
     return output + memory(inputs[0])
 
 
+def _route_mask_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Hand the attention mask to the pools before each forward (sequence routing skips pads)."""
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for pool in model._sleep_pools:
+        pool.route_mask = mask
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (`model.model.layers` and kin)."""
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
@@ -237,6 +255,9 @@ def attach_memory(model: nn.Module, cfg: MemoryConfig, seed: int = 0) -> list[La
         memories.append(memory)
     for memory in memories:
         memory.levels[0].activate(0)
+    if cfg.routing == "sequence":
+        object.__setattr__(model, "_sleep_pools", [p for m in memories for p in m.levels])
+        model.register_forward_pre_hook(_route_mask_hook, with_kwargs=True)
     return memories
 
 

@@ -28,7 +28,8 @@ from sleep_ray.model.tokenizer import default_cache_dir
 
 
 def base_corpus_lines(cfg: ModelConfig) -> list[str]:
-    return pretraining_corpus(cfg.pretrain_base_sentences, cfg.seed, default_clinc150_root())
+    return pretraining_corpus(cfg.pretrain_base_sentences, cfg.seed, default_clinc150_root(),
+                              cfg.pretrain_skill_lines)
 
 
 def base_key(cfg: ModelConfig, lines: list[str]) -> str:

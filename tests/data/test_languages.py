@@ -142,6 +142,9 @@ def test_corpus_and_hash(tmp_path):
     (tmp_path / "all_wiki_sents.txt").write_text("first line\n\nsecond line\n")
     with_wiki = pretraining_corpus(20, seed=0, clinc_root=tmp_path)
     assert with_wiki == lines + ["first line", "second line"]
-    # the hash is sha256 of the lines written one per line
-    assert corpus_hash(["ab", "c"]) == hashlib.sha256(b"ab\nc\n").hexdigest()
+    # the hash is sha256 of the lines JSON-quoted one per line: '"ab"\n"c"\n'
+    assert corpus_hash(["ab", "c"]) == hashlib.sha256(b'"ab"\n"c"\n').hexdigest()
+    assert corpus_hash(["a\nb"]) != corpus_hash(["a", "b"])  # newlines inside lines stay distinct
     assert corpus_hash(with_wiki) != corpus_hash(lines)
+    skills = pretraining_corpus(20, seed=0, clinc_root=tmp_path, num_skill_lines=4)
+    assert skills[:-4] == with_wiki and "\nbase: " in skills[-4] and "\nintent: " in skills[-3]

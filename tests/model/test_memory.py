@@ -208,3 +208,21 @@ def test_sequence_routing_generation_matches_teacher_forcing(tiny_cfg):
         full = model(input_ids=out).logits
     # Greedy tokens re-scored in one teacher-forced pass are the argmax at each position.
     assert torch.equal(full[0, ids.shape[1] - 1:-1].argmax(-1), out[0, ids.shape[1]:])
+
+
+def test_sequence_routing_ignores_left_padding(tiny_cfg):
+    from dataclasses import replace
+
+    cfg = replace(tiny_cfg, memory=replace(tiny_cfg.memory, routing="sequence"))
+    model, tok = build_model(cfg)
+    for _ in range(2):
+        slot = M.activate_expert(model, 2, keys=[torch.randn(64) for _ in M.memories(model)])
+        _train_expert(model, 2, slot, _ids(tok, ["the cat sees a bird"]), steps=1, lr=0.5)
+    from sleep_ray.data.collate import left_pad
+
+    prompts = [tok("the cat sees a bird").input_ids, tok("a").input_ids]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        alone = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=5, do_sample=False)
+    assert batched[1, ids.shape[1]:].tolist() == alone[0, len(prompts[1]):].tolist()

@@ -1,0 +1,144 @@
+"""vLLM against HF on one tiny Qwen3 with memory: greedy parity, in-place memory loads, dreams.
+
+One vLLM engine serves the whole module (starting one costs ~16-50 s on two cores). Every test
+first puts the shared HF model back to its initial memory and syncs both engines at a fresh
+version, so the tests do not depend on their order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from sleep_ray.engines.base import MemoryVersionError, RolloutEngine  # noqa: E402
+from sleep_ray.engines.hf import HFEngine  # noqa: E402
+from sleep_ray.engines.vllm import VLLMEngine  # noqa: E402
+from sleep_ray.engines.vllm_checkpoint import save_for_vllm  # noqa: E402
+from sleep_ray.model.build import build_model  # noqa: E402
+from sleep_ray.model.state import export_memory_state, load_memory_state  # noqa: E402
+
+GREEDY = dict(max_new_tokens=16, temperature=1.0, seed=0, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def rig(engine_cfg, tmp_path_factory):
+    model, tok = build_model(engine_cfg)
+    folder = save_for_vllm(model, tok, engine_cfg, tmp_path_factory.mktemp("vllm_model"))
+    engine = VLLMEngine(folder, max_model_len=256, kv_cache_gib=1, max_num_seqs=8)
+    yield SimpleNamespace(model=model, hf=HFEngine(model, tok), vllm=engine,
+                          initial=export_memory_state(model, 0), versions=itertools.count(1))
+    engine.close()
+
+
+def _restart_memory(rig) -> None:
+    """Back to the memory as built (only level 1's fast expert, B = 0)."""
+    load_memory_state(rig.model, rig.initial)
+
+
+def _sync(rig) -> int:
+    """Load the HF model's current memory into both engines at a fresh version."""
+    state = export_memory_state(rig.model, next(rig.versions))
+    rig.hf.load_memory(state)
+    rig.vllm.load_memory(state)
+    return state.version
+
+
+def test_vllm_engine_is_a_rollout_engine(rig):
+    assert isinstance(rig.vllm, RolloutEngine)
+
+
+def test_greedy_matches_hf_with_only_the_fast_expert(rig, prompts):
+    _restart_memory(rig)
+    version = _sync(rig)
+    assert rig.vllm.memory_version() == version
+    assert rig.vllm.generate(prompts, **GREEDY) == rig.hf.generate(prompts, **GREEDY)
+
+
+def test_memory_loads_in_place_change_outputs_and_match_hf(rig, prompts, add_random_expert):
+    _restart_memory(rig)
+    _sync(rig)
+    before = rig.vllm.generate(prompts, **GREEDY)
+    add_random_expert(rig.model, level=2, seed=0)
+    version = _sync(rig)  # same engine, no restart
+    after = rig.vllm.generate(prompts, **GREEDY)
+    assert rig.vllm.memory_version() == version
+    # Every row moves, the 140-token one included: no KV block cached under the old memory is reused.
+    assert all(a != b for a, b in zip(after, before))
+    assert after == rig.hf.generate(prompts, **GREEDY)
+
+
+def test_no_kv_block_cached_under_an_old_memory_or_mode_is_reused(rig, prompts):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    long = [TokensPrompt(prompt_token_ids=prompts[0])]  # 140 tokens: one full 128-token block
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+    def cached_tokens() -> int:
+        return rig.vllm.llm.generate(long, params, use_tqdm=False)[0].num_cached_tokens
+
+    cached_tokens()
+    assert cached_tokens() > 0  # the prefix cache is on: the same prompt hits it
+    _sync(rig)
+    assert cached_tokens() == 0  # a memory load clears it
+    rig.vllm.generate(prompts[:1], **GREEDY, dream=True)
+    assert cached_tokens() == 0  # and so does a dream batch, on the way in and out
+
+
+def test_dream_injects_the_other_expert_like_hf(rig, prompts, add_random_expert):
+    # Two active experts at level 2 with top-1 routing: injection adds the unselected one to every
+    # token, which is deterministic, so vLLM's dream must equal HF's token for token.
+    _restart_memory(rig)
+    for seed in (0, 1):
+        add_random_expert(rig.model, level=2, seed=seed)
+    _sync(rig)
+    normal = rig.vllm.generate(prompts, **GREEDY)
+    dream = rig.vllm.generate(prompts, **GREEDY, dream=True)
+    assert dream != normal
+    assert dream == rig.hf.generate(prompts, **GREEDY, dream=True)
+    assert rig.vllm.generate(prompts, **GREEDY) == normal  # the switch is off again
+
+
+def test_random_dream_changes_outputs_and_is_seeded_for_one_prompt(rig, prompts, add_random_expert):
+    _restart_memory(rig)
+    for seed in (0, 1, 2):  # three active experts: the injected one is drawn per token
+        add_random_expert(rig.model, level=2, seed=seed)
+    _sync(rig)
+    normal = rig.vllm.generate(prompts, **GREEDY)
+    assert rig.vllm.generate(prompts, **GREEDY, dream=True) != normal
+    assert rig.vllm.generate(prompts, **GREEDY) == normal
+    # The draws are seeded on the worker, but land on tokens in vLLM's batch order, which its
+    # slot reuse may change from call to call: a repeat is exact only for one prompt.
+    one = prompts[:1]
+    assert (rig.vllm.generate(one, **GREEDY, dream=True)
+            == rig.vllm.generate(one, **GREEDY, dream=True))
+
+
+def test_sampling_is_seeded_per_request(rig):
+    same = [[5, 6, 7]] * 3
+    a = rig.vllm.generate(same, max_new_tokens=8, temperature=1.0, seed=3)
+    assert a == rig.vllm.generate(same, max_new_tokens=8, temperature=1.0, seed=3)
+    assert len({tuple(row) for row in a}) == 3  # equal prompts, distinct samples
+    assert a != rig.vllm.generate(same, max_new_tokens=8, temperature=1.0, seed=4)
+
+
+def test_older_memory_versions_are_refused(rig):
+    version = _sync(rig)
+    stale = export_memory_state(rig.model, version - 1)
+    with pytest.raises(MemoryVersionError, match="older than the engine's"):
+        rig.vllm.load_memory(stale)
+    assert rig.vllm.memory_version() == version
+
+
+def test_cpu_head_dim_is_checked_before_the_engine_starts(tmp_path):
+    from sleep_ray.config import load_config
+
+    cfg = load_config(None, ["model.pretrain_steps=0", "model.head_dim=16"])
+    model, tok = build_model(cfg)
+    folder = save_for_vllm(model, tok, cfg, tmp_path)
+    with pytest.raises(ValueError, match="model.head_dim=16"):
+        VLLMEngine(folder, max_model_len=64)
