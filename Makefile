@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install demo test test-fast bench-footprint clean
+.PHONY: install demo test test-fast lint bench-footprint clean
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) jobs/tiny_sleep.py --output runs/demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check --select F,E9 --output-format concise sleep_ray tests benchmarks jobs
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from sleep_ray.config import ConfigError, config_to_dict, load_config

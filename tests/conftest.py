@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -16,6 +17,18 @@ def _cache_dir(tmp_path_factory):
     if "SLEEP_RAY_CACHE" not in os.environ:
         os.environ["SLEEP_RAY_CACHE"] = str(tmp_path_factory.mktemp("sleep_ray_cache"))
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when the two cores are
+    shared with Ray workers or vLLM's engine process spinning in the same test session."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

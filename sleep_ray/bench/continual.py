@@ -23,7 +23,7 @@ import torch
 from sleep_ray.baselines.config import BaselineConfig
 from sleep_ray.baselines.run import METHODS as BASELINES
 from sleep_ray.baselines.run import run_baseline
-from sleep_ray.config import SleepConfig, config_to_dict, load_config, save_config
+from sleep_ray.config import SleepConfig, load_config, save_config
 from sleep_ray.data import stream_from_config
 from sleep_ray.eval.report import MethodResult, write_report
 from sleep_ray.sleep.learner import Learner

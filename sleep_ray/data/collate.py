@@ -23,6 +23,9 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     labels: torch.Tensor  # (B, T) token ids on completion tokens, -100 elsewhere
 
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
 
 def encode_pair(tok: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int,
                 add_eos: bool = True) -> tuple[list[int], list[int]]:

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from sleep_ray.algo.importance import per_sample_grad_norms
 from sleep_ray.algo.selection import tau_improvement_reward
 from sleep_ray.config import DreamingConfig
-from sleep_ray.data.collate import collate_pairs, encode_pair
+from sleep_ray.data.collate import collate_pairs
 from sleep_ray.eval.evaluate import completion_nll
 from sleep_ray.model import memory as M
 from sleep_ray.sleep.generation import sample
@@ -104,7 +104,7 @@ def _dream_batch(dreams: Sequence[Dream], pad_id: int):
 def dream_importance(model: nn.Module, dreams: Sequence[Dream], expert: tuple[int, int],
                      pad_id: int) -> torch.Tensor:
     """omega: each dream's SFT-gradient norm over the newest expert `(level, slot)`. (m,)."""
-    batch = _dream_batch(dreams, pad_id)
+    batch = _dream_batch(dreams, pad_id).to(model.device)
     params = {n: p.detach() for n, p in M.expert_parameters(model, *expert)}
     return per_sample_grad_norms(model, params, batch.input_ids, batch.labels)
 
@@ -113,7 +113,7 @@ def sft_steps(model: nn.Module, params: list[nn.Parameter], pairs: Sequence[tupl
               pad_id: int, steps: int, lr: float) -> float:
     """A few Adam steps of completion-only SFT on `pairs`; returns the last loss."""
     opt = torch.optim.Adam(params, lr=lr)
-    batch = collate_pairs(pairs, pad_id)
+    batch = collate_pairs(pairs, pad_id).to(model.device)
     loss = torch.tensor(float("nan"))
     model.train()
     for _ in range(steps):

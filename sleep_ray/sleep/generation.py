@@ -39,6 +39,7 @@ def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[lis
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             ids, mask = left_pad(chunk, tok.pad_token_id)
+            ids, mask = ids.to(model.device), mask.to(model.device)
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=not greedy, temperature=None if greedy else temperature,
                                  top_k=None if greedy else 0, top_p=None if greedy else 1.0,

@@ -59,7 +59,7 @@ class Learner:
         M.freeze_memory(self.model)
         for level in self.levels:
             M.set_trainable(self.model, level)
-        batch = collate_examples(self.tok, examples, self.cfg.data.max_length)
+        batch = collate_examples(self.tok, examples, self.cfg.data.max_length).to(self.model.device)
         loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           labels=batch.labels).loss
         loss.backward()

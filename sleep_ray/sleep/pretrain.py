@@ -93,6 +93,8 @@ def build_sleep_model(cfg: SleepConfig):
     """The run's model (memory attached) and tokenizer, from the pretrained tiny base if any."""
     base = tiny_base(cfg.model)
     if base is None:
-        return build_model(cfg)
-    local = replace(cfg, model=replace(cfg.model, tokenizer_path=str(base)))
-    return build_model(local, backbone_path=str(base))
+        model, tok = build_model(cfg)
+    else:
+        local = replace(cfg, model=replace(cfg.model, tokenizer_path=str(base)))
+        model, tok = build_model(local, backbone_path=str(base))
+    return model.to(cfg.run.device), tok

@@ -51,6 +51,7 @@ def make_judge(kind: str, threshold: float) -> SemanticJudge:
 def completion_logits(model: nn.Module, pairs, pad_id: int):
     """Logits aligned with completion tokens: (B, T-1, V) predicting tokens 1..T, and the mask."""
     batch, mask = pairs_to_batch(pairs, pad_id)
+    batch, mask = batch.to(model.device), mask.to(model.device)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return logits[:, :-1], mask, batch
 
@@ -86,10 +87,10 @@ def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: S
                                cfg.gamma, cfg.z0).view(len(prefixes), group)  # (G, S)
     adv = group_advantages(rewards).flatten()  # (G * S,)
     pairs_done = [(p, c) for p, c in zip(prompts, completions) if c]
-    keep = torch.tensor([bool(c) for c in completions])
+    keep = torch.tensor([bool(c) for c in completions], device=adv.device)
     logits, mask, batch = completion_logits(model, pairs_done, tok.pad_token_id)
     logp = F.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    loss, stats = policy_gradient_loss(logp, mask, adv[keep])
+    loss, stats = policy_gradient_loss(logp, mask, adv[keep].to(logp.device))
     stats["lti/reward_mean"] = rewards.mean().item()
     return loss, stats
 

@@ -1,6 +1,5 @@
 """One process, the whole life cycle: what changes, what must not, and determinism."""
 
-from dataclasses import replace
 
 import pytest
 import torch

@@ -1,0 +1,52 @@
+"""A tiny Qwen3 wakes, sleeps and dreams over a stream of synthetic languages.
+
+    python jobs/tiny_sleep.py --output runs/demo                        # one process (run.engine=local)
+    python jobs/tiny_sleep.py --set run.engine=ray --set rollout.backend=hf --output runs/ray
+    ray job submit --working-dir . -- python jobs/tiny_sleep.py --set run.engine=ray ...
+
+With `run.engine: ray` it runs the same phases over Ray actors (learner, rollout and scorer
+workers; see sleep_ray/driver.py) on the cluster at $RAY_ADDRESS, or on a local Ray instance,
+resuming from the newest checkpoint in the output folder. It prints the run's summary: cycles,
+seconds per phase, ACC / BWT and the accuracy matrix R.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.FIELD=VALUE", help="override one field (repeatable)")
+    ap.add_argument("--output", default=None, metavar="RUN_DIR", help="run folder (default: run.output_dir)")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of a local Ray instance (default: 2)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    from sleep_ray.cli import format_summary
+    from sleep_ray.config import load_config
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or cfg.run.output_dir
+    if cfg.run.engine == "local":
+        from sleep_ray.sleep.run import run_from_config
+
+        summary = run_from_config(cfg, output)
+    else:
+        from sleep_ray.driver import init_ray, run_on_ray
+
+        init_ray(args.num_cpus)
+        summary = run_on_ray(cfg, output)
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

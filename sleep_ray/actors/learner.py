@@ -1,0 +1,237 @@
+"""LearnerWorker: owns the trainable state (a `sleep.learner.Learner`) inside a Ray actor.
+
+Every method is the reference `Learner`'s, called with the same arguments in the same order by
+the driver, so a Ray run makes the same changes to the memory as the one-process run. On top:
+a versioned `ModelState` to publish (memory + dreamer), checkpoints as bytes, evaluation.
+
+Backends (`learner.backend`):
+
+- `torch`: the reference `Learner` as it is (one worker).
+- `deepspeed`: the wake steps run through a DeepSpeed engine over the model, whose parameters to
+  train are the wake levels' experts; a learner *group* of `learner.num_workers` workers is one
+  data-parallel group: each worker forwards its slice of the batch and DeepSpeed averages the
+  gradients over the group (gloo on CPU, NCCL on CUDA). What is and is not DeepSpeed's:
+
+  * ZeRO stage 0 (supported, any chunk sizes, any optimizer): DeepSpeed runs forward, backward
+    and the gradient all-reduce; the *update term* then comes from the level's own torch
+    optimizer through `LevelOptimizer.accumulate` (Eq. 2: the term is added to the chunk's sum and
+    taken back from the weights). `engine.step()` is never called: it would apply the term at
+    once, which is Eq. 2 only when C(l) = 1. At stage 0 DeepSpeed's step would call that same
+    torch optimizer anyway, so nothing of DeepSpeed's optimizer is bypassed.
+  * ZeRO stages 1-3 (refused): DeepSpeed's ZeRO optimizer keeps its own fp32 master partitions
+    and writes them into the model at every `step()`. Eq. 2 needs the update *term* without
+    applying it, and the sleep phases change the fast level in place (the `reset` transition,
+    pruning, checkpoint loads), which the master copy would silently overwrite at the next step.
+    Doing it correctly needs DeepSpeed internals (restoring the master partition from the model
+    and clearing the partitioned optimizer state), which is not done here. Stage 3 additionally
+    partitions parameters, which every direct access to the memory (export, reset, activation)
+    would see as empty. The trainable memory is megabytes, so ZeRO's partitioning of optimizer
+    state and gradients would save little; the backbone (frozen) is where memory goes.
+  * Sleep phases (consolidation, dream learning, evaluation) are not data-parallel: every worker
+    of the group runs them on the same inputs with the same seeds, so the replicas stay equal
+    (the driver checks the versions agree). They cost the same time as on one worker.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import torch
+
+from sleep_ray.actors.replica import ModelState, export_model_state, set_threads
+from sleep_ray.config import SleepConfig
+from sleep_ray.data.collate import IGNORE, collate_examples
+from sleep_ray.eval.evaluate import score_stream
+from sleep_ray.model import memory as M
+from sleep_ray.model.state import load_memory_state
+from sleep_ray.sleep import dreaming
+from sleep_ray.sleep.dreaming import Dream
+from sleep_ray.sleep.learner import Learner
+from sleep_ray.sleep.seeding import SeedingData
+from sleep_ray.types import Example, MemoryState, Task
+
+CHECKPOINT_FORMAT = "sleep_ray.learner/1"
+
+
+class LearnerWorker:
+    """One worker of the learner group (`rank` of `world_size`)."""
+
+    def __init__(self, cfg: SleepConfig, rank: int = 0, world_size: int = 1):
+        set_threads()
+        from sleep_ray.sleep.pretrain import build_sleep_model
+
+        if cfg.learner.backend == "torch" and world_size != 1:
+            raise ValueError(f"learner.num_workers={world_size}: the torch backend is one worker; "
+                             "use learner.backend=deepspeed for a data-parallel group")
+        if cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage != 0:
+            raise NotImplementedError(
+                f"learner.zero_stage={cfg.learner.zero_stage}: ZeRO stages 1-3 keep their own "
+                "master copy of the trained experts, which the CMS rule (update terms summed over "
+                "a chunk, not applied) and the sleep phases' in-place resets would contradict; "
+                "use learner.zero_stage=0 (see sleep_ray/actors/learner.py)")
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        model, tok = build_sleep_model(cfg)
+        self.learner = Learner(cfg, model, tok)
+        self.engine = None  # the DeepSpeed engine, once `init_deepspeed` ran
+
+    # ------------------------------------------------------------------ DeepSpeed group
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(this node's address, a free port) for the group's process-group store (rank 0)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_deepspeed(self, master_addr: str, master_port: int) -> None:
+        """Join the learner group and wrap the model in a DeepSpeed engine (ZeRO stage 0)."""
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world),
+                          LOCAL_RANK="0")  # Ray gives each actor its own device(s): index 0
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        level = min(self.learner.levels)
+        params = [p for opt in self.learner.levels.values() for p in opt.params.values()]
+        config = {"train_micro_batch_size_per_gpu": max(1, self.cfg.data.batch_size // self.world),
+                  "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": self.cfg.learner.zero_stage},
+                  "steps_per_print": 2**31 - 1}
+        # The client optimizer only satisfies engine.backward's check: at stage 0 the update
+        # terms come from each level's LevelOptimizer (see the module docstring).
+        self.engine, *_ = deepspeed.initialize(model=self.learner.model, model_parameters=params,
+                                               optimizer=self.learner.levels[level].optimizer,
+                                               config=config)
+
+    # ------------------------------------------------------------------ wake
+
+    def wake_step(self, examples: Sequence[Example]) -> dict[str, float]:
+        """Accumulate one batch into the wake levels (Eq. 2). Every worker gets the whole batch
+        (its recent-examples buffer must match); with DeepSpeed each forwards only its slice."""
+        if self.engine is None:
+            return self.learner.wake_step(examples)
+        L = self.learner
+        L.model.train()
+        M.freeze_memory(L.model)
+        for level in L.levels:
+            M.set_trainable(L.model, level)
+        # Collated as a whole: the same padding (hence the same numbers) as the torch path.
+        batch = collate_examples(L.tok, examples, L.cfg.data.max_length)
+        loss = self._slice_loss(*(t.to(L.model.device) for t in
+                                  (batch.input_ids, batch.attention_mask, batch.labels)))
+        self.engine.backward(loss)  # gradients averaged over the group (an all-reduce)
+        for opt in L.levels.values():
+            opt.accumulate()
+        M.freeze_memory(L.model)
+        L.model.eval()
+        L.recent.extend(examples)
+        return {"wake/loss": self._group_mean(loss.detach())}
+
+    def _slice_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+        """This worker's share of the batch's mean token loss (all (B, T)), scaled so that the
+        group's average gradient is exactly the whole batch's (slices hold unequal token counts)."""
+        if self.world == 1:
+            return self.engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        rows = torch.arange(len(input_ids), device=input_ids.device).chunk(self.world)
+        mine = rows[self.rank] if self.rank < len(rows) else rows[0][:0]
+        total = int((labels[:, 1:] != IGNORE).sum())  # completion tokens of the whole batch
+        if len(mine) == 0:  # more workers than examples: contribute zero gradient
+            return sum(p.sum() for opt in self.learner.levels.values() for p in opt.params.values()) * 0.0
+        out = self.engine(input_ids=input_ids[mine], attention_mask=attention_mask[mine],
+                          labels=labels[mine], num_items_in_batch=total)
+        return out.loss * self.world  # DeepSpeed divides the summed gradients by world size
+
+    def _group_mean(self, loss: torch.Tensor) -> float:
+        if self.world == 1:
+            return loss.item()
+        import deepspeed.comm as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        return loss.item() / self.world
+
+    def apply_updates(self, levels: Sequence[int]) -> int:
+        self.learner.apply_updates(list(levels))
+        return self.learner.version
+
+    # ------------------------------------------------------------------ sleep
+
+    def seeding_prompts(self) -> list[list[int]]:
+        return self.learner.seeding_prompts()
+
+    def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
+        return self.learner.consolidate(source, target, data, seed)
+
+    def dream_context(self, examples: Sequence[Example] | None = None
+                      ) -> tuple[list[int], tuple[int, int]] | None:
+        """(C as token ids, the newest expert) for a dream phase, or None when the reference
+        skips dreaming (no consolidated expert yet, or no recent wake examples).
+        `examples` None: the learner's most recent `dreaming.context_examples` (as `dream_task`)."""
+        L = self.learner
+        if examples is None:
+            examples = list(L.recent)[-L.cfg.dreaming.context_examples:]
+        if L.newest_expert is None or not examples:
+            return None
+        return L.dream_context(examples), L.newest_expert
+
+    def dreams(self, context: list[int], seed: int) -> list[Dream]:
+        """Dreams generated here, on the learner's own model (used when the rollout backend
+        cannot carry the dreamer adapter)."""
+        L = self.learner
+        return dreaming.generate_dreams(L.model, L.tok, context, L.cfg.dreaming, seed)
+
+    def select_dreams(self, scores: Sequence[float] | None, num_dreams: int) -> list[int]:
+        """Kept dream indices; draws from the learner's generator (as the reference does)."""
+        return self.learner.select_dreams(None if scores is None else torch.tensor(scores), num_dreams)
+
+    def learn_from_dreams(self, kept: Sequence[Dream], rewards: Sequence[float]) -> dict[str, float]:
+        return self.learner.learn_from_dreams(list(kept), list(rewards))
+
+    def evaluate(self, tasks: Sequence[Task], split: str = "test") -> list[float]:
+        """One row of R: the score of every task of the stream."""
+        L = self.learner
+        return score_stream(L.model, L.tok, tuple(tasks), split, L.cfg.data.max_length,
+                            L.cfg.data.max_new_tokens)
+
+    # ------------------------------------------------------------------ state
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def memory_state(self) -> ModelState:
+        """What rollout and scorer replicas load: memory + dreamer at the current version."""
+        return export_model_state(self.learner.model, self.learner.version)
+
+    def state_dict(self) -> bytes:
+        """Everything needed to resume: memory, level optimizers (pending sums, moments),
+        generator and global RNG states, version, newest expert, recent examples, dreamer.
+        Saved with torch.save and read back with `weights_only=True` (no arbitrary pickles)."""
+        state = self.learner.state_dict()
+        state["recent"] = [asdict(e) for e in state["recent"]]
+        blob = {"format": CHECKPOINT_FORMAT, "learner": state,
+                "memory": export_model_state(self.learner.model, self.learner.version).memory.tensors,
+                "torch_rng": torch.get_rng_state()}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        return buf.getvalue()
+
+    def load_state_dict(self, data: bytes) -> int:
+        blob = torch.load(io.BytesIO(data), weights_only=True)
+        if blob.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a learner checkpoint (format {blob.get('format')!r})")
+        state = blob["learner"]
+        # The memory first: it decides which experts are active, which the level optimizers bind.
+        load_memory_state(self.learner.model, MemoryState(state["version"], blob["memory"]))
+        state["recent"] = [Example(**{**e, "choices": None if e["choices"] is None else tuple(e["choices"])})
+                           for e in state["recent"]]
+        self.learner.load_state_dict(state)
+        torch.set_rng_state(blob["torch_rng"])
+        return self.learner.version

@@ -1,0 +1,143 @@
+"""RolloutWorker: owns one inference engine and samples from the learner's model for every phase.
+
+Teacher samples for knowledge seeding, and dreams (random expert injection on, dreamer adapter
+active). The driver wraps the class with `ray.remote(...)`; it is a plain class so that a test or
+a notebook can use it in-process too.
+
+Backends (`rollout.backend`):
+
+- `hf`: a replica of the learner's model (`actors/replica.py`) behind `HFEngine`. It samples with
+  the same function (`sleep/generation.sample`), the same seed and the same batch size as the
+  one-process reference, so it returns the same tokens; dreams go through the very
+  `dreaming.generate_dreams` of the reference.
+- `vllm`: the model saved once to a folder (`save_for_vllm`) and served by `VLLMEngine`; each new
+  memory version moves in place. vLLM samples with its own RNG: same distribution, different
+  draws from the HF reference. The engine does not carry the dreamer LoRA yet, so a run with
+  `dreaming.dreamer: true` generates its dreams on the learner (see driver.py) and this worker
+  refuses `dream=True` rather than silently dreaming without the dreamer.
+
+Every call may carry the current `ModelState` (an object-store reference the driver resolved for
+us): a worker that Ray restarted after a crash comes back at version 0 and catches up inside the
+retried call, instead of sampling a stale model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from sleep_ray.actors.replica import ModelState, Replica, set_threads
+from sleep_ray.config import SleepConfig
+from sleep_ray.engines.base import check_version
+from sleep_ray.sleep import dreaming
+from sleep_ray.sleep.dreaming import Dream
+from sleep_ray.types import MemoryState
+
+HF_BATCH_SIZE = 32  # sleep.generation.sample's default: the reference samples in batches of 32
+
+
+def max_model_len(cfg: SleepConfig) -> int:
+    """Prompt plus generated tokens of the longest request any phase makes (a tiny model is
+    also bounded by its position table)."""
+    new = max(cfg.seeding.max_new_tokens, cfg.dreaming.max_new_tokens, cfg.rollout.max_new_tokens)
+    need = cfg.data.max_length + new
+    return min(need, cfg.model.max_position_embeddings) if cfg.model.name_or_path == "tiny" else need
+
+
+class RolloutWorker:
+    """Generation on the learner's model at a given memory version."""
+
+    def __init__(self, cfg: SleepConfig):
+        set_threads()
+        self.cfg = cfg
+        self.version = 0
+        self._folder: Path | None = None
+        if cfg.rollout.backend == "hf":
+            from sleep_ray.engines.hf import HFEngine
+
+            self.replica = Replica(cfg)
+            self.engine = HFEngine(self.replica.model, self.replica.tok, batch_size=HF_BATCH_SIZE)
+        else:
+            self.replica = None
+            self.engine = self._start_vllm(cfg)
+
+    def _start_vllm(self, cfg: SleepConfig):
+        from sleep_ray.engines.vllm import VLLMEngine
+        from sleep_ray.engines.vllm_checkpoint import save_for_vllm
+        from sleep_ray.sleep.pretrain import build_sleep_model
+
+        model, tok = build_sleep_model(cfg)  # no dreamer: save_pretrained would save only it
+        self._folder = Path(tempfile.mkdtemp(prefix="sleep_ray_rollout_"))
+        save_for_vllm(model, tok, cfg, self._folder, version=0)
+        del model
+        r = cfg.rollout
+        return VLLMEngine(self._folder, max_model_len=max_model_len(cfg),
+                          kv_cache_gib=r.kv_cache_gib, enforce_eager=r.enforce_eager,
+                          seed=cfg.run.seed, gpu_memory_utilization=r.gpu_memory_utilization)
+
+    # ------------------------------------------------------------------ versions
+
+    def load_memory(self, state: ModelState | MemoryState) -> int:
+        """Load a published version (memory, and the dreamer when present); returns the version
+        held. Older than held raises `MemoryVersionError`; the same version is a no-op."""
+        check_version(self.version, state.version)
+        if state.version == self.version:
+            return self.version
+        if self.replica is not None:
+            full = state if isinstance(state, ModelState) else ModelState(state)
+            self.replica.sync(full)
+        else:
+            self.engine.load_memory(state.memory if isinstance(state, ModelState) else state)
+        self.version = state.version
+        return self.version
+
+    def memory_version(self) -> int:
+        return self.version
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
+                 seed: int, dream: bool = False, state: ModelState | None = None) -> list[list[int]]:
+        """Completion ids per prompt, cut after the first EOS. `dream`: dreaming mode as the
+        config sets it (random expert injection, dreamer adapter)."""
+        if state is not None:
+            self.load_memory(state)
+        d = self.cfg.dreaming
+        with self._dreamer(dream):
+            return self.engine.generate(list(prompts), max_new_tokens=max_new_tokens,
+                                        temperature=temperature, seed=seed,
+                                        dream=dream and d.random_expert)
+
+    def dreams(self, context: list[int], seed: int, state: ModelState | None = None) -> list[Dream]:
+        """m dreams conditioned on C (METHOD.md section 5 step 1), as `generate_dreams` makes them."""
+        if state is not None:
+            self.load_memory(state)
+        d = self.cfg.dreaming
+        if self.replica is not None:  # the reference function itself, on an identical replica
+            return dreaming.generate_dreams(self.replica.model, self.replica.tok, context, d, seed)
+        outs = self.generate([context] * d.num_dreams, d.max_new_tokens, d.temperature, seed, dream=True)
+        return [Dream(tuple(context), tuple(o)) for o in outs if len(o) >= 2]
+
+    @contextlib.contextmanager
+    def _dreamer(self, dream: bool):
+        d = self.cfg.dreaming
+        if not (dream and d.enabled and d.dreamer):
+            yield
+            return
+        if self.replica is None:
+            raise NotImplementedError(
+                "rollout.backend=vllm does not carry the dreamer adapter yet (vLLM LoRA requests "
+                "are not wired into VLLMEngine); dreams are generated on the learner instead, or "
+                "set dreaming.dreamer=false")
+        # Injection is switched by the engine (dream=...); here only the dreamer adapter.
+        with dreaming.dreaming_mode(self.replica.model, with_dreamer=True, inject=False):
+            yield
+
+    def close(self) -> None:
+        if self.replica is None:
+            self.engine.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""ScorerWorker: scores dreams (METHOD.md section 5 steps 2-3) on a replica of the learner's model.
+
+- `importance`: omega_i = ||grad L_SFT(dream_i)|| over the newest expert, batched per-sample
+  gradients (`dreaming.dream_importance`).
+- `lora_rewards`: each dream fine-tunes an isolated LoRA copy of the model and earns 1 if the
+  copy's tau improves (`dreaming.evaluate_on_lora_copies`).
+
+Both are embarrassingly parallel over dreams: the driver gives each worker a contiguous slice and
+concatenates the results in order. The split does not change the numbers: every dream's LoRA copy
+starts from the adapter that `torch.manual_seed(seed)` initializes, whichever worker runs it and
+whichever dreams ran before it there (the reference resets the copy to those initial weights
+before each dream), and a dream's gradient norm is its own (per-sample gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sleep_ray.actors.replica import ModelState, Replica, set_threads
+from sleep_ray.config import SleepConfig
+from sleep_ray.sleep import dreaming
+from sleep_ray.sleep.dreaming import Dream
+from sleep_ray.types import Example
+
+
+class ScorerWorker:
+    def __init__(self, cfg: SleepConfig):
+        set_threads()
+        self.cfg = cfg
+        self.replica = Replica(cfg)
+
+    def memory_version(self) -> int:
+        return self.replica.version
+
+    def importance(self, dreams: Sequence[Dream], expert: tuple[int, int],
+                   state: ModelState) -> list[float]:
+        """omega of each dream (float32 values, as Python floats: they round-trip exactly)."""
+        self.replica.sync(state)
+        scores = dreaming.dream_importance(self.replica.model, list(dreams), tuple(expert),
+                                           self.replica.tok.pad_token_id)
+        return scores.tolist()
+
+    def lora_rewards(self, dreams: Sequence[Dream], tau_examples: Sequence[Example],
+                     state: ModelState, seed: int) -> tuple[list[float], float, list[float]]:
+        """(reward per dream, tau of the unmodified model, tau of each dream's copy)."""
+        self.replica.sync(state)
+        return dreaming.evaluate_on_lora_copies(self.replica.model, self.replica.tok, list(dreams),
+                                                list(tau_examples), self.cfg.dreaming,
+                                                self.cfg.data.max_length, seed)

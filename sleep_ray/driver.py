@@ -1,0 +1,393 @@
+"""SleepDriver: the Sleep life cycle over Ray actors, phase for phase the one-process `LocalSleepRun`.
+
+    for each task, for each batch:   wake          learner group: wake_step (Eq. 2 accumulate)
+        plan = clock.tick()          update        learner group: apply_updates
+        for (l-1, l) in plan:        consolidate   rollout: teacher samples; learners: consolidate
+        after a sleep:               dream         rollout: dreams; scorers: importance;
+                                                   learners: select; scorers: LoRA rewards;
+                                                   learners: learn_from_dreams
+    after each task:                 evaluate      learner rank 0: one row of R
+
+Same phases, same order, same `phase_seed`s as `sleep/loop.py`, so a run with the `hf` rollout
+backend ends with the memory of the one-process run. The driver owns the loop and nothing else:
+the clock, the stream position, memory versions, checkpoints and the run record. It holds no
+tensors (samples and dreams are token ids) and does no math.
+
+Memory sync: whenever a rollout is about to sample and the learner's version moved, the learner's
+`ModelState` (memory + dreamer) is put in the object store once (the learner's return value) and
+its reference goes to every rollout worker, which checks the version on arrival. Later calls pass
+the same reference, so a worker that Ray restarted catches up inside the retried call.
+
+Checkpoints: `RUN_DIR/checkpoints/ckpt-<step>-<tasks evaluated>/` written to a temporary folder and
+renamed; `driver.json` (stream position, clock, run record) and `learner.pt` (the learner's state).
+A new driver on the same RUN_DIR resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from sleep_ray.actors.learner import LearnerWorker
+from sleep_ray.actors.placement import (
+    actor_options,
+    make_placement_group,
+    placement_plan,
+)
+from sleep_ray.actors.rollout import RolloutWorker
+from sleep_ray.actors.scorer import ScorerWorker
+from sleep_ray.config import SleepConfig, config_to_dict, save_config
+from sleep_ray.data import stream_from_config
+from sleep_ray.schedule import CMSClock, StepPlan
+from sleep_ray.sleep.generation import phase_seed
+from sleep_ray.sleep.loop import RunRecord, task_batches, write_run
+from sleep_ray.sleep.seeding import seeding_data
+from sleep_ray.types import Task
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the stream stands: `batch` batches of task `task` are done (epochs counted in)."""
+
+    task: int = 0
+    batch: int = 0
+
+
+class _Snapshot:
+    """The learner's final memory, for `write_run` (which asks for `.memory_state()`)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def memory_state(self):
+        return self.state.memory
+
+
+class SleepDriver:
+    """Runs `cfg` on a Ray cluster (already initialized) and writes RUN_DIR."""
+
+    def __init__(self, cfg: SleepConfig, run_dir: str | Path, *, checkpoint_every: int = 0,
+                 resume: bool = True):
+        """`checkpoint_every`: also checkpoint every that many wake steps (0: only after each
+        sleep and each task)."""
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.checkpoint_every = checkpoint_every
+        self.stream = stream_from_config(cfg.data, cfg.run.seed)
+        self.clock = CMSClock(cfg.schedule)
+        self.record = RunRecord()
+        self.position = Position()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        t0 = time.perf_counter()
+        self._start_workers()
+        self.published, self.state_ref = -1, None
+        self._calls = 0
+        if resume:
+            self.resume()
+        self.record.phase_seconds["start"] += time.perf_counter() - t0
+        self._metrics = (self.run_dir / "metrics.jsonl").open("w")
+        for row in self.record.metrics:  # a resumed run: the rows up to its checkpoint
+            self._metrics.write(json.dumps(row, default=float) + "\n")
+
+    # ------------------------------------------------------------------ actors
+
+    def _start_workers(self) -> None:
+        """The learner group first (it builds and caches the pretrained tiny base), then the
+        rollout and scorer pools, all from one placement plan."""
+        cfg = self.cfg
+        plan = placement_plan(cfg, ray.cluster_resources().get("CPU"))
+        self.pg = make_placement_group(plan)
+        opts = {s.name: actor_options(s, i, self.pg) for i, s in enumerate(plan)}
+        world = cfg.learner.num_workers
+        self.learners = [ray.remote(LearnerWorker).options(**opts[f"learner-{r}"]).remote(cfg, r, world)
+                         for r in range(world)]
+        ray.get([w.version.remote() for w in self.learners])
+        if cfg.learner.backend == "deepspeed":
+            addresses = ray.get([w.rendezvous.remote() for w in self.learners])
+            same_node = len({a for a, _ in addresses}) == 1
+            addr, port = ("127.0.0.1" if same_node else addresses[0][0]), addresses[0][1]
+            ray.get([w.init_deepspeed.remote(addr, port) for w in self.learners])
+        self.rollouts = [ray.remote(RolloutWorker).options(**opts[f"rollout-{r}"]).remote(cfg)
+                         for r in range(cfg.rollout.num_workers)]
+        self.scorers = [ray.remote(ScorerWorker).options(**opts[f"scorer-{r}"]).remote(cfg)
+                        for r in range(cfg.scorer.num_workers)]
+        ray.get([w.memory_version.remote() for w in self.rollouts + self.scorers])
+        # vLLM does not carry the dreamer LoRA yet: dreams come from the learner then.
+        self.dreams_on_learner = (cfg.rollout.backend == "vllm" and cfg.dreaming.enabled
+                                  and cfg.dreaming.dreamer)
+
+    def shutdown(self) -> None:
+        """Stop this run's actors and release its placement group. Rollout workers close their
+        engines first (vLLM runs its own processes, which killing the actor would orphan)."""
+        ray.wait([w.close.remote() for w in self.rollouts], num_returns=len(self.rollouts), timeout=60)
+        for actor in self.learners + self.rollouts + self.scorers:
+            ray.kill(actor)
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+        self._metrics.close()
+
+    def _learner_group(self, call) -> list:
+        """Fan `call(worker)` out to every learner worker, one ray.get; results by rank."""
+        return ray.get([call(w) for w in self.learners])
+
+    def _rollout(self):
+        """The next rollout worker, round robin (every worker holds the same version)."""
+        self._calls += 1
+        return self.rollouts[self._calls % len(self.rollouts)]
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, max_steps: int | None = None) -> dict | None:
+        """The whole stream; returns the summary. With `max_steps`, stops (checkpointed) once the
+        clock reaches that step and returns None; a new driver on RUN_DIR goes on from there."""
+        tasks = self.stream.tasks
+        for t in range(self.position.task, len(tasks)):
+            if not self.learn_task(t, tasks[t], max_steps):
+                self.checkpoint()
+                return None
+            if len(self.record.R) <= t:
+                self.evaluate(t)
+            self.position = Position(t + 1, 0)
+            self.checkpoint()
+        return self.finish()
+
+    def learn_task(self, t: int, task: Task, max_steps: int | None) -> bool:
+        """Wake over the task's batches from the stream position on; False if stopped early."""
+        bs, epochs = self.cfg.data.batch_size, self.cfg.run.epochs_per_task
+        steps = -(-len(task.train) // bs) * epochs
+        bar = tqdm(total=steps, initial=self.position.batch, desc=f"wake {task.name}", leave=False,
+                   disable=None)
+        done = 0
+        for epoch in range(epochs):
+            for batch in task_batches(task, bs, self.cfg.run.seed, epoch):
+                done += 1
+                if done <= self.position.batch:
+                    continue  # learned before the checkpoint this run resumed from
+                if max_steps is not None and self.clock.step >= max_steps:
+                    bar.close()
+                    return False
+                stats = self.wake(batch)
+                plan = self.clock.tick()
+                self.after_step(plan, task)
+                self.log({"step": plan.step, **stats})
+                self.position = Position(t, done)
+                bar.update(1)
+                if plan.consolidations or (self.checkpoint_every and plan.step % self.checkpoint_every == 0):
+                    self.checkpoint()
+        bar.close()
+        return True
+
+    def after_step(self, plan: StepPlan, task: Task) -> None:
+        sources = {source for source, _ in plan.consolidations}
+        self.update([lv for lv in plan.updates if lv not in sources])
+        if plan.consolidations:
+            self.sleep(plan, task)
+
+    def sleep(self, plan: StepPlan, task: Task) -> None:
+        """Consolidate every due level, fastest first, then dream once (as the reference)."""
+        for source, target in plan.consolidations:
+            self.log({"step": plan.step, **self.consolidate(source, target, plan.step)})
+        if self.cfg.dreaming.enabled:
+            with self.record.timed("dream"):
+                stats = self.dream(task, plan.step)
+            self.log({"step": plan.step, **stats})
+        self.record.cycles += 1
+        versions = self._learner_group(lambda w: w.version.remote())
+        if len(set(versions)) != 1:
+            raise RuntimeError(f"learner group diverged: versions {versions}")
+        self.record.memory_versions.append(versions[0])
+
+    # ------------------------------------------------------------------ phases
+
+    def wake(self, batch) -> dict[str, float]:
+        with self.record.timed("wake"):
+            return self._learner_group(lambda w: w.wake_step.remote(batch))[0]
+
+    def update(self, levels: list[int]) -> None:
+        with self.record.timed("update"):
+            versions = self._learner_group(lambda w: w.apply_updates.remote(levels))
+        if len(set(versions)) != 1:
+            raise RuntimeError(f"learner group diverged: versions {versions}")
+
+    def publish(self) -> None:
+        """Every rollout worker to the learner's version (a no-op when it did not move)."""
+        with self.record.timed("sync"):
+            version = ray.get(self.learners[0].version.remote())
+            if version == self.published:
+                return
+            self.state_ref = self.learners[0].memory_state.remote()  # in the object store once
+            held = ray.get([w.load_memory.remote(self.state_ref) for w in self.rollouts])
+            if set(held) != {version}:
+                raise RuntimeError(f"rollout workers hold versions {held}, expected {version}")
+            self.published = version
+
+    def consolidate(self, source: int, target: int, step: int) -> dict[str, float]:
+        """Teacher samples from a rollout worker, then the learner group consolidates on them."""
+        phase, seed, s = f"consolidate_{source}_to_{target}", self.cfg.run.seed, self.cfg.seeding
+        self.publish()
+        with self.record.timed(phase):
+            prompts = ray.get(self.learners[0].seeding_prompts.remote())
+            completions = ray.get(self._rollout().generate.remote(
+                prompts, s.max_new_tokens, s.temperature, phase_seed(seed, step, f"{phase}/teacher"),
+                state=self.state_ref))
+            data = seeding_data(prompts, completions)
+            student = phase_seed(seed, step, f"{phase}/student")
+            return self._learner_group(lambda w: w.consolidate.remote(source, target, data, student))[0]
+
+    def dream(self, task: Task, step: int) -> dict[str, float]:
+        """METHOD.md section 5 over the actors, in `Learner.dream`'s order and with its seeds."""
+        d = self.cfg.dreaming
+        inputs = ray.get(self.learners[0].dream_context.remote())
+        tau = list(task.val[:d.tau_examples])
+        if inputs is None or not tau:
+            return {}
+        t0 = time.perf_counter()
+        context, expert = inputs
+        seed = phase_seed(self.cfg.run.seed, step, "dream")
+        self.publish()
+        dreams = self.generate_dreams(context, seed)
+        if not dreams:
+            return {"dream/generated": 0.0}
+        scores = self.importance(dreams, expert) if d.selection == "gradient" else None
+        kept_idx = self._learner_group(lambda w: w.select_dreams.remote(scores, len(dreams)))[0]
+        kept = [dreams[i] for i in kept_idx]
+        rewards, base_tau, taus = self.lora_rewards(kept, tau, seed + 1)
+        with self.record.timed("dream/learn"):
+            stats = self._learner_group(lambda w: w.learn_from_dreams.remote(kept, rewards))[0]
+        return stats | {"dream/generated": float(len(dreams)), "dream/tau_base": base_tau,
+                        "dream/tau_copy_mean": sum(taus) / len(taus),
+                        "dream/importance_mean": sum(scores) / len(scores) if scores else math.nan,
+                        "dream/seconds": time.perf_counter() - t0}
+
+    def generate_dreams(self, context: list[int], seed: int) -> list:
+        with self.record.timed("dream/generate"):
+            if self.dreams_on_learner:
+                return ray.get(self.learners[0].dreams.remote(context, seed))
+            return ray.get(self._rollout().dreams.remote(context, seed, state=self.state_ref))
+
+    def importance(self, dreams: list, expert: tuple[int, int]) -> list[float]:
+        """omega of every dream, the dreams spread over the scorer pool in contiguous slices.
+        Scorers score the published version: the learner has not moved since `publish`."""
+        with self.record.timed("dream/importance"):
+            refs = [w.importance.remote(part, expert, self.state_ref)
+                    for w, part in zip(self.scorers, _split(dreams, len(self.scorers)))]
+            return [x for part in ray.get(refs) for x in part]
+
+    def lora_rewards(self, kept: list, tau: list, seed: int) -> tuple[list[float], float, list[float]]:
+        """Reward per kept dream from its isolated LoRA copy, spread over the scorer pool."""
+        with self.record.timed("dream/lora"):
+            refs = self.submit_lora_rewards(kept, tau, seed)
+            parts = ray.get(refs)
+        rewards = [r for part, _, _ in parts for r in part]
+        taus = [x for _, _, part in parts for x in part]
+        return rewards, parts[0][1], taus
+
+    def submit_lora_rewards(self, kept: list, tau: list, seed: int) -> list:
+        return [w.lora_rewards.remote(part, tau, self.state_ref, seed)
+                for w, part in zip(self.scorers, _split(kept, len(self.scorers)))]
+
+    def evaluate(self, t: int) -> None:
+        with self.record.timed("evaluate"):
+            row = ray.get(self.learners[0].evaluate.remote(self.stream.tasks, "test"))
+        self.record.R.append(row)
+        self.log({"step": self.clock.step, "eval/after_task": t,
+                  **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
+
+    def log(self, row: dict) -> None:
+        self.record.metrics.append(row)
+        self._metrics.write(json.dumps(row, default=float) + "\n")
+        self._metrics.flush()
+
+    def finish(self) -> dict:
+        """summary.json and the final memory (`write_run`, as the one-process run)."""
+        state = ray.get(self.learners[0].memory_state.remote())
+        return write_run(self.run_dir, self.record, config_to_dict(self.cfg), _Snapshot(state))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint(self) -> Path:
+        """Write the run's state to a temporary folder, then rename it into place."""
+        with self.record.timed("checkpoint"):
+            name = f"ckpt-{self.clock.step:08d}-{len(self.record.R):04d}"
+            final = self.checkpoint_dir / name
+            tmp = self.checkpoint_dir / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / "learner.pt").write_bytes(ray.get(self.learners[0].state_dict.remote()))
+            record = {"R": self.record.R, "phase_seconds": dict(self.record.phase_seconds),
+                      "metrics": self.record.metrics, "cycles": self.record.cycles,
+                      "memory_versions": self.record.memory_versions}
+            (tmp / "driver.json").write_text(json.dumps(
+                {"position": asdict(self.position), "clock": self.clock.state_dict(),
+                 "record": record}, default=float))
+            if final.exists():  # the same point again (e.g. right after a resume)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (names sort by step, then tasks evaluated)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoint_dir.iterdir() if p.name.startswith("ckpt-"))
+
+    def resume(self) -> bool:
+        """Restore from the newest checkpoint in RUN_DIR, if any."""
+        found = self.checkpoints()
+        if not found:
+            return False
+        newest = found[-1]
+        state = json.loads((newest / "driver.json").read_text())
+        blob = (newest / "learner.pt").read_bytes()
+        self._learner_group(lambda w: w.load_state_dict.remote(blob))
+        self.position = Position(**state["position"])
+        self.clock.load_state_dict(state["clock"])
+        rec = state["record"]
+        self.record = RunRecord(R=rec["R"], metrics=rec["metrics"], cycles=rec["cycles"],
+                                memory_versions=rec["memory_versions"])
+        self.record.phase_seconds.update(rec["phase_seconds"])
+        return True
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal slices, in order; empty slices dropped."""
+    size = -(-len(items) // parts)
+    return [items[i:i + size] for i in range(0, len(items), size)] if items else []
+
+
+def init_ray(num_cpus: int = 2) -> None:
+    """Connect to the cluster at $RAY_ADDRESS (`ray job submit` sets it), else start a local Ray
+    instance of `num_cpus` CPUs without dashboard. A no-op when Ray is up already."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def run_on_ray(cfg: SleepConfig, run_dir: str | Path, max_steps: int | None = None) -> dict | None:
+    """Start the actors, run (resuming from RUN_DIR's newest checkpoint), stop the actors."""
+    driver = SleepDriver(cfg, run_dir)
+    try:
+        return driver.run(max_steps)
+    finally:
+        driver.shutdown()
