@@ -17,11 +17,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen3_8b.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sleep_ray.cli import add_config_args
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="SECTION.FIELD=VALUE", help="override one field (repeatable)")
-    ap.add_argument("--output", default=None, metavar="RUN_DIR", help="run folder (default: run.output_dir)")
+    add_config_args(ap, default_config=str(DEFAULT_CONFIG), output=True)
     ap.add_argument("--dry-run", action="store_true",
                     help="print the placement plan and memory estimates; start nothing")
     return ap.parse_args(argv)

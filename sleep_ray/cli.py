@@ -14,17 +14,30 @@ import sys
 from sleep_ray.config import ConfigError, config_to_dict, load_config
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
+def add_config_args(p: argparse.ArgumentParser, default_config: str | None = None,
+                    output: bool = False) -> None:
+    """--config and repeatable --set (and --output RUN_DIR): every command and job takes these."""
+    p.add_argument("--config", default=default_config,
+                   help=f"YAML config file (default: {default_config or 'built-in defaults'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field, value parsed as YAML (repeatable)")
+    if output:
+        p.add_argument("--output", default=None, metavar="RUN_DIR",
+                       help="run folder (default: run.output_dir)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sleep_ray.sleep.run import run_from_config
-
+    """run.engine=local: the one-process reference; run.engine=ray: the SleepDriver."""
     cfg = load_config(args.config, args.overrides)
-    summary = run_from_config(cfg, args.output)
+    if cfg.run.engine == "local":
+        from sleep_ray.sleep.run import run_from_config
+
+        summary = run_from_config(cfg, args.output)
+    else:
+        from sleep_ray.driver import init_ray, run_on_ray
+
+        init_ray(2)
+        summary = run_on_ray(cfg, args.output or cfg.run.output_dir)
     print(format_summary(summary))
     return 0
 
@@ -73,14 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sleep-ray", description="The Sleep paradigm for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run wake/sleep cycles over a stream and write RUN_DIR")
-    _config_args(p)
-    p.add_argument("--output", default=None, help="run folder (default: run.output_dir)")
+    add_config_args(p, output=True)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("config", help="print the resolved config")
-    _config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("footprint", help="bytes of one expert, a memory state and the model")
-    _config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_footprint)
     p = sub.add_parser("bench", help="benchmarks: `continual` (Sleep vs baselines), `footprint`",
                        add_help=False)
