@@ -50,10 +50,11 @@ def plot_heatmaps(results: Sequence[MethodResult], task_names: Sequence[str], pa
     import matplotlib.pyplot as plt
 
     n = len(results)
+    top = max(1e-6, max(float(np.nanmax(np.array(r.R))) for r in results))  # one scale for all
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
     for ax, r in zip(axes[0], results):
         R = np.array(r.R)
-        im = ax.imshow(R, vmin=0, vmax=max(1e-6, float(np.nanmax(R))), cmap="viridis")
+        im = ax.imshow(R, vmin=0, vmax=top, cmap="viridis")
         ax.set_title(r.method, fontsize=9)
         ax.set_xlabel("task j")
         ax.set_ylabel("after task i")
