@@ -280,6 +280,13 @@ class LearnerConfig:
     def validate(self, at: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             _fail(f"{at}.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.backend == "deepspeed" and self.zero_stage != 0:
+            # ZeRO 1-3 keep an fp32 master copy of the trained experts and write it back at every
+            # step: that contradicts Eq. 2 (update terms summed over a chunk, not applied) and the
+            # sleep phases' in-place resets. See sleep_ray/actors/learner.py.
+            _fail(f"{at}.zero_stage", self.zero_stage,
+                  "ZeRO stages 1-3 would overwrite the CMS rule's pending update terms and the sleep "
+                  "phases' resets with their master copy; use 0 (see sleep_ray/actors/learner.py)")
 
 
 @dataclass(frozen=True)

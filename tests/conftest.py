@@ -31,6 +31,18 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray per test module: 2 CPUs, no dashboard; workers see this process's caches."""
+    import ray
+
+    env = {k: os.environ[k] for k in ("SLEEP_RAY_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+           if k in os.environ}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def tiny_cfg():
     from sleep_ray.config import load_config

@@ -28,50 +28,9 @@ SMALL = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task=16"
          "dreaming.tau_examples=4", "rollout.backend=hf", "scorer.num_workers=2", "run.engine=ray"]
 
 
-def _phase_seed_overflows() -> bool:
-    """seeding.py feeds `phase_seed(...) * 7919 + step` to torch.manual_seed (at most 2**63 - 1):
-    with 63-bit phase seeds every consolidation with on-policy sampling overflows."""
-    from sleep_ray.sleep.generation import phase_seed
-
-    return phase_seed(0, 4, "consolidate_1_to_2/student") * 7919 >= 2**63
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _short_phase_seeds():
-    """Work-around for the overflow above, in the reference and the driver alike (31-bit seeds);
-    a no-op once `phase_seed` returns seeds that fit."""
-    if not _phase_seed_overflows():
-        yield
-        return
-    import sleep_ray.driver
-    import sleep_ray.sleep.loop
-    from sleep_ray.sleep.generation import phase_seed
-
-    mp = pytest.MonkeyPatch()
-    def short(*args):
-        return phase_seed(*args) & (2**31 - 1)
-
-    mp.setattr(sleep_ray.sleep.loop, "phase_seed", short)
-    mp.setattr(sleep_ray.driver, "phase_seed", short)
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return load_config("jobs/configs/tiny.yaml", SMALL)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module: 2 CPUs, no dashboard; workers see this process's caches."""
-    import ray
-
-    env = {k: os.environ[k] for k in ("SLEEP_RAY_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
-           if k in os.environ}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

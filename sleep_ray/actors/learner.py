@@ -67,12 +67,6 @@ class LearnerWorker:
         if cfg.learner.backend == "torch" and world_size != 1:
             raise ValueError(f"learner.num_workers={world_size}: the torch backend is one worker; "
                              "use learner.backend=deepspeed for a data-parallel group")
-        if cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage != 0:
-            raise NotImplementedError(
-                f"learner.zero_stage={cfg.learner.zero_stage}: ZeRO stages 1-3 keep their own "
-                "master copy of the trained experts, which the CMS rule (update terms summed over "
-                "a chunk, not applied) and the sleep phases' in-place resets would contradict; "
-                "use learner.zero_stage=0 (see sleep_ray/actors/learner.py)")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         model, tok = build_sleep_model(cfg)
         self.learner = Learner(cfg, model, tok)

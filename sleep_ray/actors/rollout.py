@@ -128,7 +128,7 @@ class RolloutWorker:
             yield
             return
         if self.replica is None:
-            raise NotImplementedError(
+            raise RuntimeError(
                 "rollout.backend=vllm does not carry the dreamer adapter yet (vLLM LoRA requests "
                 "are not wired into VLLMEngine); dreams are generated on the learner instead, or "
                 "set dreaming.dreamer=false")
