@@ -11,6 +11,7 @@ The Ray driver runs the same phases in the same order with the same seeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -48,17 +49,14 @@ class RunRecord:
     cycles: int = 0
     memory_versions: list[int] = field(default_factory=list)
 
-    def timed(self, phase: str):
-        record = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                record.phase_seconds[phase] += time.perf_counter() - self.t0
-
-        return _Timer()
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the block's wall time to `phase_seconds[phase]`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] += time.perf_counter() - t0
 
     def summary(self, cfg_dict: dict | None = None) -> dict:
         out = {"cycles": self.cycles, "phase_seconds": dict(self.phase_seconds),
