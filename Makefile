@@ -26,7 +26,7 @@ test: install lint
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check --select F,E9 --output-format concise sleep_ray tests benchmarks jobs
+	$(PY) -m ruff check --select F,E9 --output-format concise sleep_ray tests benchmarks jobs tuning
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
