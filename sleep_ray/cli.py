@@ -4,6 +4,7 @@
     sleep-ray config --config FILE [--set k=v ...]       print the resolved config
     sleep-ray footprint [--config FILE]                   bytes of expert / memory / model
     sleep-ray bench continual --stream ... --output DIR   Sleep vs the baselines (report + plots)
+    sleep-ray serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key K]   OpenAI-compatible API
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sleep_ray.serve import main as serve_main
+
+    return serve_main(args.run_dir, host=args.host, port=args.port, api_key=args.api_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sleep-ray", description="The Sleep paradigm for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -99,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=["continual", "footprint"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (--help)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("serve", help="serve RUN_DIR's model (newest memory, hot-reloaded) over an "
+                                     "OpenAI-compatible HTTP API")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                                                   "(default: $SLEEP_RAY_API_KEY, else none)")
+    p.set_defaults(func=cmd_serve)
     return ap
 
 
