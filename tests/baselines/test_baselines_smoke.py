@@ -18,16 +18,6 @@ OVERRIDES = ["model.pretrain_steps=0", "data.batch_size=4", "data.max_new_tokens
 BCFG = BaselineConfig(fisher_batches=2, replay_capacity=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from intra-op threads, and on a shared 2-core machine
-    they oversubscribe it (this module runs ~5x slower with torch's default thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(None, OVERRIDES)

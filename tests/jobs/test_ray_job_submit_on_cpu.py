@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,6 @@ RUN = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task=8",
        "seeding.lti=false", "dreaming.num_dreams=2", "dreaming.top_k=1", "dreaming.num_random=0",
        "dreaming.max_new_tokens=8", "dreaming.inner_steps=1", "dreaming.tau_examples=2",
        "rollout.backend=hf", "run.engine=ray"]
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
 
 
 def _processes_of(marker: str) -> list[int]:
@@ -75,15 +65,15 @@ def _stop(pids: list[int]) -> None:
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(free_port):
     temp = tempfile.mkdtemp(prefix="srh", dir="/tmp")  # short: Ray's socket paths have a limit
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    dashboard = _free_port()
-    cmd = [RAY, "start", "--head", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+    dashboard = free_port()
+    cmd = [RAY, "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
            f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
            "--disable-usage-stats"]
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)

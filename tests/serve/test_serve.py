@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -24,14 +23,8 @@ KEY = "test-key"
 MODEL = "sleep-ray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
+def server(ray_session, tmp_path_factory, free_port):
     from ray import serve
 
     from sleep_ray.serve import start
@@ -42,7 +35,7 @@ def server(ray_session, tmp_path_factory):
     model, _ = build_sleep_model(cfg)
     save_config(cfg, run_dir / "config.yaml")
     save_memory_state(export_memory_state(model, 1), run_dir / "memory.safetensors")
-    port = _free_port()
+    port = free_port()
     start(run_dir, host="127.0.0.1", port=port, api_key=KEY, poll_s=0.5, kv_cache_gib=0.25)
     base = f"http://127.0.0.1:{port}"
     try:
