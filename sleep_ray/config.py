@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names the field."""
 
 
+class IncompatibleConfigError(ConfigError):
+    """A saved run (checkpoint, memory state) was made with a config of another shape."""
+
+
 def _fail(field_path: str, value: Any, why: str) -> None:
     raise ConfigError(f"{field_path}={value!r}: {why}")
 
@@ -310,6 +314,13 @@ class RunConfig:
     epochs_per_task: int = 1
     log_every: int = 10
     device: str = "cpu"
+    # Training steps (wake, seeding, dream SFT) whose loss or gradient is NaN/inf are skipped and
+    # counted; the run stops with NonFiniteLossError once the count exceeds this.
+    max_nonfinite_steps: int = 10
+
+    def validate(self, at: str) -> None:
+        if self.max_nonfinite_steps < 0:
+            _fail(f"{at}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -461,3 +472,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: SleepConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------- comparing configs
+
+# Fields (dotted prefixes) whose change makes a saved learner state or memory the wrong shape
+# or meaning: the backbone and tokenizer, the memory's layout, which levels hold optimizer
+# state, the dreamer adapter, and the stream a checkpoint's position points into.
+RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.capacity", "memory.router",
+                 "schedule.chunk_sizes", "schedule.wake_levels", "schedule.optimizer",
+                 "dreaming.enabled", "dreaming.dreamer", "dreaming.dreamer_rank",
+                 "dreaming.dreamer_targets", "data.stream", "data.path", "data.num_tasks",
+                 "data.train_per_task", "data.batch_size", "run.seed", "run.epochs_per_task")
+
+
+def _flatten(data: dict, at: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{at}.{key}" if at else str(key)
+        if isinstance(value, dict):
+            out |= _flatten(value, name)
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Every leaf field that differs between two config dicts, as "field: old -> new", sorted.
+    A field missing on one side shows as <unset>."""
+    a, b = _flatten(old), _flatten(new)
+    unset = "<unset>"
+    return [f"{k}: {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k, unset) != b.get(k, unset)]
+
+
+def check_resumable(saved: dict, cfg: SleepConfig, where: str) -> None:
+    """Refuse to resume a run saved with `saved` (its config.yaml as a dict) under `cfg` when a
+    field of RESUME_FIELDS differs; the error names each one, old -> new."""
+    diffs = [d for d in config_differences(saved, config_to_dict(cfg))
+             if d.split(":", 1)[0].startswith(RESUME_FIELDS)]
+    if diffs:
+        raise IncompatibleConfigError(
+            f"{where}: cannot resume, the saved run's config differs in {len(diffs)} field(s) that "
+            f"change the model, memory or stream: " + "; ".join(diffs)
+            + " (use another output folder, or the saved config)")
+
+
+def check_resume_config(saved_path: str | Path, cfg: SleepConfig) -> None:
+    """`check_resumable` against the config.yaml a run folder holds (none: nothing to check)."""
+    saved_path = Path(saved_path)
+    if saved_path.is_file():
+        check_resumable(yaml.safe_load(saved_path.read_text()) or {}, cfg, str(saved_path))

@@ -10,7 +10,7 @@ from sleep_ray.data.clinc150 import default_clinc150_root, load_clinc150, load_c
 from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
 from sleep_ray.data.jsonl import StreamError, load_jsonl_stream
 from sleep_ray.data.languages import base_corpus, make_languages, synthetic_language_stream
-from sleep_ray.config import DataConfig
+from sleep_ray.config import ConfigError, DataConfig
 from sleep_ray.types import Stream
 
 STREAM_KINDS = ("jsonl", "clinc150", "synthetic_languages")
@@ -34,8 +34,11 @@ def stream_from_config(cfg: DataConfig, seed: int = 0) -> Stream:
     """The stream a run's `data` section names, with its sizes."""
     if cfg.stream == "jsonl":
         if cfg.path is None:
-            raise ValueError("data.stream=jsonl needs data.path (a JSONL file)")
-        stream = load_jsonl_stream(cfg.path)
+            raise ConfigError("data.path=None: data.stream=jsonl needs a JSONL file")
+        try:
+            stream = load_jsonl_stream(cfg.path)
+        except StreamError as e:  # say which config field led there
+            raise StreamError(f"data.path={cfg.path!r}: {e}") from None
         return Stream(stream.name, stream.tasks[:cfg.num_tasks] if cfg.num_tasks else stream.tasks,
                       stream.meta)
     if cfg.stream == "clinc150":

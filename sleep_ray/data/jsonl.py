@@ -58,6 +58,8 @@ def _check_choices(record: dict, where: str) -> None:
 def validate_jsonl(path: str | Path) -> int:
     """Check every line of a stream file; return the number of records (blank lines skipped)."""
     path = Path(path)
+    if not path.is_file():
+        raise StreamError(f"{path}: no such stream file")
     count = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -67,7 +69,7 @@ def validate_jsonl(path: str | Path) -> int:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise StreamError(f"{where}: invalid JSON ({e.msg})") from e
+                raise StreamError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
             _check_record(record, where)
             count += 1
     if count == 0:

@@ -59,10 +59,11 @@ def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
 def build_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer: a saved folder, the pretrained model's own, or a BPE trained offline."""
     if cfg.tokenizer_path is not None:
-        tok = _load_tokenizer(cfg.tokenizer_path, cfg)
+        field, tok = "tokenizer_path", _load_tokenizer(cfg.tokenizer_path, cfg, "tokenizer_path")
     elif cfg.name_or_path != "tiny":
-        tok = _load_tokenizer(cfg.name_or_path, cfg)
+        field, tok = "name_or_path", _load_tokenizer(cfg.name_or_path, cfg, "name_or_path")
     else:
+        field = "tokenizer_corpus"
         lines = list(corpus) if corpus is not None else None
         if lines is None and cfg.tokenizer_corpus is not None:
             path = Path(cfg.tokenizer_corpus)
@@ -71,17 +72,19 @@ def build_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Pr
             lines = path.read_text().splitlines()
         tok = local_bpe_tokenizer(lines, cfg.vocab_size)
     if tok.eos_token_id is None:
-        raise ModelLoadError(f"tokenizer of {cfg.tokenizer_path or cfg.name_or_path!r} has no "
-                             "end-of-sequence token; set one in its tokenizer_config.json")
+        raise ModelLoadError(f"model.{field}={getattr(cfg, field)!r}: the tokenizer has no "
+                             "end-of-sequence token (generation could not stop); set eos_token "
+                             "in its tokenizer_config.json")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # generation and batching need a pad token
     return tok
 
 
-def _load_tokenizer(name: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def _load_tokenizer(name: str, cfg: ModelConfig, field: str) -> PreTrainedTokenizerBase:
     local = Path(name).exists()
     if _looks_like_path(name) and not local:
-        raise ModelLoadError(f"model path {name!r} does not exist")
+        raise ModelLoadError(f"model.{field}={name!r}: path does not exist "
+                             f"(resolved to {str(Path(name).expanduser().absolute())!r})")
     return AutoTokenizer.from_pretrained(name, local_files_only=local,
                                          trust_remote_code=cfg.trust_remote_code)
 
@@ -100,7 +103,8 @@ def load_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     else:
         local = Path(cfg.name_or_path).exists()
         if _looks_like_path(cfg.name_or_path) and not local:
-            raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r}: path does not exist")
+            raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r}: path does not exist "
+                                 f"(resolved to {str(Path(cfg.name_or_path).expanduser().absolute())!r})")
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, dtype=dtype, local_files_only=local, use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)

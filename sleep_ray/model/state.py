@@ -3,11 +3,17 @@
 The on-disk format is one safetensors file; its metadata holds the format tag, the version and
 a fingerprint of the memory's shapes. Loading checks names, shapes and fingerprint, and refuses a
 mismatch with a message that names the difference. Nothing is ever unpickled.
+
+Also the crash-safe writes of a run folder: `write_atomic` (one file) and `write_checkpoint` (a
+checkpoint folder). Both write under a temporary name and rename, so a process killed mid-write
+leaves the previous file or checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -92,3 +98,65 @@ def read_memory_state(path: str | Path) -> MemoryState:
     for name in json.loads(meta.pop("bool_tensors", "[]")):
         tensors[name] = tensors[name].bool()
     return MemoryState(version=int(meta["version"]), tensors=tensors, meta=meta)
+
+
+# ---------------------------------------------------------------- crash-safe writes
+
+CHECKPOINT_PREFIX = "ckpt-"
+_TMP_PREFIX = ".tmp-"  # unfinished writes and folders being deleted; never read, removed later
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`: a
+    reader (or a resume after a kill) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoint folders in `directory`, oldest first (names sort by step). Leftover
+    `.tmp-*` folders of an interrupted write are not checkpoints."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder without ever leaving a half-deleted one under its own name: renamed to a
+    `.tmp-` name first (atomic), then removed."""
+    doomed = folder.with_name(f"{_TMP_PREFIX}del-{folder.name}-{os.getpid()}")
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def write_checkpoint(directory: str | Path, name: str, files: dict[str, bytes],
+                     keep: int | None = None) -> Path:
+    """Write `files` (file name -> bytes) as the checkpoint folder `directory/name`.
+
+    The files go into `.tmp-<name>-<pid>`, which is renamed to `name` once complete, so a kill at
+    any moment leaves every earlier complete checkpoint loadable. Leftovers of a killed writer are
+    removed first; `keep` keeps only that many newest checkpoints.
+    """
+    if not name.startswith(CHECKPOINT_PREFIX):
+        raise ValueError(f"checkpoint name {name!r} must start with {CHECKPOINT_PREFIX!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = directory / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    tmp.mkdir()
+    for file_name, data in files.items():
+        (tmp / file_name).write_bytes(data)
+    final = directory / name
+    if final.exists():  # the same point again (e.g. right after a resume); rename cannot replace
+        _remove(final)  # a non-empty folder: between the two steps the earlier checkpoints remain
+    os.rename(tmp, final)
+    if keep:
+        for old in list_checkpoints(directory)[:-keep]:
+            _remove(old)
+    return final

@@ -4,6 +4,10 @@ Wake: `wake_step` learns one batch (next-token loss on completion tokens) into t
 take wake gradients, by the CMS rule; `apply_updates` applies the levels whose chunk ended.
 Sleep: `consolidate(source, target)` is METHOD.md section 3 step by step (teacher, transition,
 expansion, knowledge seeding, pruning); `dream` is section 5 (see dreaming.py).
+
+A training step (wake, seeding, dream SFT) whose loss or gradient is NaN/inf is skipped and
+counted in `nonfinite_steps` (every stats dict carries the running count); once the count
+exceeds `run.max_nonfinite_steps` the learner raises `NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ from sleep_ray.model import memory as M
 from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.generation import sample
-from sleep_ray.sleep.seeding import SeedingData, completion_logits, seed_expert, seeding_data
+from sleep_ray.sleep.seeding import (SeedingData, completion_logits, finite_step, seed_expert,
+                                     seeding_data)
 from sleep_ray.types import Example, MemoryState
+
+
+class NonFiniteLossError(RuntimeError):
+    """More training steps had a NaN/inf loss or gradient than `run.max_nonfinite_steps` allows."""
 
 
 class Learner:
@@ -43,6 +52,8 @@ class Learner:
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.version = 0
         self.newest_expert: tuple[int, int] | None = None  # (level, slot) of the last seeding
+        self.wake_steps = 0  # wake steps taken (skipped ones included): the clock's step
+        self.nonfinite_steps = 0  # training steps skipped for a NaN/inf loss or gradient
         if cfg.dreaming.enabled and cfg.dreaming.dreamer:
             dreaming.add_dreamer(model, cfg.dreaming, seed=cfg.run.seed)
         self._bind_wake_levels()
@@ -63,12 +74,39 @@ class Learner:
         loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           labels=batch.labels).loss
         loss.backward()
-        for opt in self.levels.values():
-            opt.accumulate()
+        return self.finish_wake_step(examples, loss)
+
+    def wake_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for opt in self.levels.values() for p in opt.params.values()]
+
+    def finish_wake_step(self, examples: Sequence[Example], loss: torch.Tensor) -> dict[str, float]:
+        """After the backward pass: accumulate (Eq. 2) if the loss and gradients are finite, else
+        skip the step, leaving no trace (no update term, no optimizer step, not in `recent`)."""
+        self.wake_steps += 1
+        ok = finite_step(loss, self.wake_parameters())
+        if ok:
+            for opt in self.levels.values():
+                opt.accumulate()
         M.freeze_memory(self.model)
         self.model.eval()
-        self.recent.extend(examples)
-        return {"wake/loss": loss.item()}
+        if ok:
+            self.recent.extend(examples)
+        else:
+            self.count_nonfinite("wake", 1)
+        return {"wake/loss": loss.item(), "wake/skipped": float(not ok),
+                "nonfinite_steps": float(self.nonfinite_steps)}
+
+    def count_nonfinite(self, phase: str, skipped: int) -> None:
+        """Add `skipped` non-finite steps of `phase`; raise once the total exceeds the limit."""
+        if not skipped:
+            return
+        self.nonfinite_steps += skipped
+        limit = self.cfg.run.max_nonfinite_steps
+        if self.nonfinite_steps > limit:
+            raise NonFiniteLossError(
+                f"{phase} at wake step {self.wake_steps}: NaN/inf loss or gradient; "
+                f"{self.nonfinite_steps} training steps skipped so far, more than "
+                f"run.max_nonfinite_steps={limit}")
 
     def apply_updates(self, levels: Sequence[int]) -> None:
         """Apply the summed updates of `levels` whose chunk ended at this step."""
@@ -134,6 +172,8 @@ class Learner:
         stats = seed_expert(self.model, self.tok, teacher, data, params, self.cfg.seeding,
                             self.generator, seed=seed)
         self.model.eval()
+        self.count_nonfinite(f"consolidate_{source}_to_{target} (seeding)",
+                             int(stats.get("seed/nonfinite_steps", 0)))
         M.freeze_memory(self.model)
         # 5. Pruning of the source level's earlier experts.
         for pool in M.pools(self.model, source):
@@ -145,7 +185,8 @@ class Learner:
         return stats | {"consolidate/source": source, "consolidate/target": target,
                         "consolidate/slot": slot, "consolidate/pruned": len(earlier),
                         "consolidate/samples": len(data.pairs),
-                        "consolidate/seconds": time.perf_counter() - t0}
+                        "consolidate/seconds": time.perf_counter() - t0,
+                        "nonfinite_steps": float(self.nonfinite_steps)}
 
     @torch.no_grad()
     def route_keys(self, data: SeedingData) -> list[torch.Tensor]:
@@ -172,15 +213,18 @@ class Learner:
         """ReST-EM on the dreamer, then the rewarded dreams into the newest expert."""
         rewarded = rest_em_filter(list(kept), rewards)
         pad = self.tok.pad_token_id
-        rest_loss = dreaming.rest_em_update(self.model, rewarded, self.cfg.dreaming, pad)
-        apply_loss = dreaming.apply_dreams(self.model, rewarded, self.newest_expert,
-                                           self.cfg.dreaming, pad)
-        self.version += 1
         nan = float("nan")
+        rest_loss, rest_skipped = dreaming.rest_em_update(
+            self.model, rewarded, self.cfg.dreaming, pad) or (nan, 0)
+        self.count_nonfinite("dream (ReST-EM)", rest_skipped)
+        apply_loss, apply_skipped = dreaming.apply_dreams(
+            self.model, rewarded, self.newest_expert, self.cfg.dreaming, pad) or (nan, 0)
+        self.count_nonfinite("dream (apply)", apply_skipped)
+        self.version += 1
         return {"dream/kept": float(len(kept)), "dream/rewarded": float(len(rewarded)),
                 "dream/rejected": float(len(kept) - len(rewarded)),
-                "dream/rest_em_loss": nan if rest_loss is None else rest_loss,
-                "dream/apply_loss": nan if apply_loss is None else apply_loss}
+                "dream/rest_em_loss": rest_loss, "dream/apply_loss": apply_loss,
+                "nonfinite_steps": float(self.nonfinite_steps)}
 
     def dream(self, context: Sequence[Example], tau: Sequence[Example], seed: int) -> dict[str, float]:
         """One dream phase in one process: the same steps the Ray driver spreads over actors."""
@@ -209,6 +253,7 @@ class Learner:
 
     def state_dict(self) -> dict:
         return {"version": self.version,
+                "wake_steps": self.wake_steps, "nonfinite_steps": self.nonfinite_steps,
                 "generator": self.generator.get_state(),
                 "newest_expert": self.newest_expert,
                 "recent": list(self.recent),
@@ -216,7 +261,21 @@ class Learner:
                 "dreamer": [p.detach().clone() for p in dreaming.dreamer_parameters(self.model)]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; a tensor of another shape (a checkpoint of another config) is
+        refused with an error naming it and both shapes, before anything changes."""
+        dreamer = dreaming.dreamer_parameters(self.model)
+        if len(dreamer) != len(state["dreamer"]):
+            raise ValueError(f"learner checkpoint has {len(state['dreamer'])} dreamer tensors, "
+                             f"this model {len(dreamer)} (dreaming.dreamer / dreamer_targets differ)")
+        names = [n for n, _ in self.model.named_parameters() if f".{dreaming.DREAMER}." in n]
+        for name, p, saved in zip(names, dreamer, state["dreamer"]):
+            if tuple(saved.shape) != tuple(p.shape):
+                raise ValueError(f"learner checkpoint: dreamer tensor {name} has shape "
+                                 f"{tuple(saved.shape)}, the model has {tuple(p.shape)}")
         self.version = state["version"]
+        # Checkpoints written before these counters existed resume with them at zero.
+        self.wake_steps = state.get("wake_steps", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.generator.set_state(state["generator"])
         self.newest_expert = state["newest_expert"]
         self.recent.clear()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sleep_ray.algo.divergence import per_sequence_jsd, seeding_loss
@@ -95,10 +96,24 @@ def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: S
     return loss, stats
 
 
+def finite_step(loss: torch.Tensor, params: list[nn.Parameter]) -> bool:
+    """True when `loss` and every gradient of `params` are finite. Otherwise the gradients are
+    dropped (set to None), so that the caller can skip the step and change nothing."""
+    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    # One device sync for all gradients (the loss may live on another device, e.g. a group mean).
+    if bool(torch.isfinite(loss.detach()).all()) and (not checks or bool(torch.stack(checks).all())):
+        return True
+    for p in params:
+        p.grad = None
+    return False
+
+
 def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
                 data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
                 generator: torch.Generator, seed: int, batch_size: int = 8) -> dict[str, float]:
     """Train `params` (the new expert) for cfg.steps on D; returns the last step's stats.
+    A step whose loss or gradient is NaN/inf is skipped (no parameter or Adam-state change) and
+    counted in "seed/nonfinite_steps".
 
     `seed` feeds the student's sampling (on-policy data, LTI completions) step by step, so the
     whole phase is deterministic given (model, D, seed).
@@ -109,7 +124,8 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
     pairs = list(data.pairs)
     stats: dict[str, float] = {}
     first_div = None
-    for step in range(cfg.steps):
+    skipped = 0
+    for step in tqdm(range(cfg.steps), desc="seed expert", leave=False, disable=None):
         idx = torch.randperm(len(pairs), generator=generator)[:batch_size].tolist()
         batch_pairs = [pairs[i] for i in idx]
         off = divergence_on(model, teacher, batch_pairs, pad, cfg.beta) if cfg.lam < 1 else None
@@ -130,7 +146,11 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
                 stats |= lti_stats | mix_stats
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if finite_step(loss, params):
+            opt.step()
+        else:
+            skipped += 1
         first_div = stats["seed/loss"] if first_div is None else first_div
     stats["seed/first_loss"] = first_div if first_div is not None else float("nan")
+    stats["seed/nonfinite_steps"] = float(skipped)
     return stats
