@@ -196,8 +196,17 @@ class LayerMemory(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._capture is not None:
             self._capture.append(x.detach())
-        out = self.levels[0](x)
-        for pool in self.levels[1:]:
+        pools = list(self.levels)
+        if not torch.is_grad_enabled():
+            # Without gradients, a pool with no active expert adds exactly zero (its gates are all
+            # zero, injection included): skip its routing and einsums. Early in a run most pools
+            # are empty, and these small ops are most of the memory's per-step cost in decoding.
+            # With gradients every pool runs, so its parameters get zero gradients, not None.
+            pools = [pool for pool in pools if bool(pool.active.any())]
+            if not pools:
+                return torch.zeros_like(x)
+        out = pools[0](x)
+        for pool in pools[1:]:
             out = out + pool(x)
         return out
 

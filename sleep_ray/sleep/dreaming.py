@@ -9,7 +9,8 @@ The steps are separate functions so that the Ray driver can run them on differen
 1. `generate_dreams`: m samples from the model conditioned on C, random expert injection on and
    the dreamer adapter active.
 2. `dream_importance`: omega_i = ||grad L_SFT(dream_i)|| over the newest expert, batched with
-   per-sample gradients (torch.func), then `select_dreams` keeps top-k plus b at random.
+   exact per-sample gradients (the expert's low-rank structure, else torch.func), then
+   `select_dreams` keeps top-k plus b at random.
 3. `evaluate_on_lora_copies`: for each kept dream, an isolated LoRA copy (peft) fine-tuned on
    that dream alone; reward 1 if it lowers tau below the unmodified model's.
 4. `rest_em_update`: SFT of the dreamer adapter (never the model's knowledge) on rewarded pairs.
@@ -26,15 +27,17 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sleep_ray.algo.importance import per_sample_grad_norms
+from sleep_ray.algo.importance import expert_grad_norms
 from sleep_ray.algo.selection import tau_improvement_reward
 from sleep_ray.config import DreamingConfig
 from sleep_ray.data.collate import collate_pairs
 from sleep_ray.eval.evaluate import completion_nll
 from sleep_ray.model import memory as M
 from sleep_ray.sleep.generation import sample
+from sleep_ray.sleep.seeding import finite_step
 from sleep_ray.types import Example
 
 DREAMER = "dreamer"
@@ -103,27 +106,36 @@ def _dream_batch(dreams: Sequence[Dream], pad_id: int):
 
 def dream_importance(model: nn.Module, dreams: Sequence[Dream], expert: tuple[int, int],
                      pad_id: int) -> torch.Tensor:
-    """omega: each dream's SFT-gradient norm over the newest expert `(level, slot)`. (m,)."""
+    """omega: each dream's SFT-gradient norm over the newest expert `(level, slot)`. (m,).
+
+    Exact per-sample gradients by the fastest path: from the expert's low-rank structure (one
+    batched forward and backward) when it has no trained router row, else torch.func vmap.
+    """
     batch = _dream_batch(dreams, pad_id).to(model.device)
     params = {n: p.detach() for n, p in M.expert_parameters(model, *expert)}
-    return per_sample_grad_norms(model, params, batch.input_ids, batch.labels)
+    return expert_grad_norms(model, params, batch.input_ids, batch.labels)
 
 
 def sft_steps(model: nn.Module, params: list[nn.Parameter], pairs: Sequence[tuple[list[int], list[int]]],
-              pad_id: int, steps: int, lr: float) -> float:
-    """A few Adam steps of completion-only SFT on `pairs`; returns the last loss."""
+              pad_id: int, steps: int, lr: float) -> tuple[float, int]:
+    """A few Adam steps of completion-only SFT on `pairs`: (the last loss, steps skipped because
+    their loss or gradient was NaN/inf; a skipped step changes neither `params` nor Adam's state)."""
     opt = torch.optim.Adam(params, lr=lr)
     batch = collate_pairs(pairs, pad_id).to(model.device)
     loss = torch.tensor(float("nan"))
+    skipped = 0
     model.train()
     for _ in range(steps):
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      labels=batch.labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if finite_step(loss, params):
+            opt.step()
+        else:
+            skipped += 1
     model.eval()
-    return loss.item()
+    return loss.item(), skipped
 
 
 def evaluate_on_lora_copies(model: nn.Module, tok: PreTrainedTokenizerBase, dreams: Sequence[Dream],
@@ -150,7 +162,7 @@ def evaluate_on_lora_copies(model: nn.Module, tok: PreTrainedTokenizerBase, drea
         p.requires_grad_(True)
     initial = [p.detach().clone() for p in params]
     rewards, taus = [], []
-    for dream in dreams:
+    for dream in tqdm(dreams, desc="LoRA copies", leave=False, disable=None):
         with torch.no_grad():
             for p, p0 in zip(params, initial):
                 p.copy_(p0)
@@ -164,8 +176,9 @@ def evaluate_on_lora_copies(model: nn.Module, tok: PreTrainedTokenizerBase, drea
 
 
 def rest_em_update(model: nn.Module, rewarded: Sequence[Dream], cfg: DreamingConfig,
-                   pad_id: int) -> float | None:
-    """ReST-EM M-step: SFT the dreamer adapter on the rewarded (context, dream) pairs."""
+                   pad_id: int) -> tuple[float, int] | None:
+    """ReST-EM M-step: SFT the dreamer adapter on the rewarded (context, dream) pairs.
+    (last loss, non-finite steps skipped), or None when there is nothing to learn."""
     if not rewarded or not cfg.dreamer:
         return None
     params = dreamer_parameters(model)
@@ -181,8 +194,9 @@ def rest_em_update(model: nn.Module, rewarded: Sequence[Dream], cfg: DreamingCon
 
 
 def apply_dreams(model: nn.Module, rewarded: Sequence[Dream], expert: tuple[int, int],
-                 cfg: DreamingConfig, pad_id: int) -> float | None:
-    """SFT of the newest consolidated expert (only) on the rewarded dreams."""
+                 cfg: DreamingConfig, pad_id: int) -> tuple[float, int] | None:
+    """SFT of the newest consolidated expert (only) on the rewarded dreams: (last loss,
+    non-finite steps skipped), or None when no dream was rewarded."""
     if not rewarded:
         return None
     level, slot = expert

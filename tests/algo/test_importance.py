@@ -115,3 +115,125 @@ def test_model_is_left_untouched(tiny_qwen3):
 def test_unknown_parameter_name_is_named():
     with pytest.raises(KeyError, match="nope"):
         per_sample_grad_norms(BiasLM(2), {"nope": torch.zeros(2)}, *_batch(n=1, vocab=2))
+
+
+# ---------------------------------------------------------------------- memory experts
+
+
+def _qwen3_with_memory(routing="token", router="cosine", attn_implementation="eager"):
+    """A tiny Qwen3 with memory on both layers; level 2 has two active, trained-looking experts."""
+    from sleep_ray.config import MemoryConfig
+    from sleep_ray.model import memory as M
+
+    model = _qwen3(attn_implementation=attn_implementation)
+    cfg = MemoryConfig(rank=4, capacity=(1, 3, 2), top_k=(1, 2, 1), routing=routing,
+                       router=router, router_temperature=0.5, scale=2.0, init_std=0.2)
+    M.attach_memory(model, cfg, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        keys = [torch.randn(32, generator=gen) for _ in M.pools(model, 2)]
+        M.activate_expert(model, 2, keys=keys)
+    with torch.no_grad():  # B = 0 after activation: give every expert a nonzero delta
+        for name, p in model.named_parameters():
+            if ".memory." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval(), M
+
+
+def _expert(model, M, level=2, slot=None, router=True):
+    return {n: p.detach() for n, p in M.expert_parameters(model, level, slot, router=router)}
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_expert_structure_matches_loop(routing):
+    from sleep_ray.algo.importance import expert_grad_norms, expert_structure_grad_norms
+
+    model, M = _qwen3_with_memory(routing=routing)
+    ids, labels = _batch()
+    labels[3, 9:] = -100  # another right-padded sample
+    labels[4] = -100  # a sample with no labelled token: 0
+    newest = M.active_experts(model, 2)[-1]
+    for params in (_expert(model, M, 2, newest),  # the newest level-2 expert, both layers
+                   _expert(model, M, 2),  # every active level-2 expert
+                   _expert(model, M, 1),  # the fast expert (all tokens routed to it)
+                   {n: p for n, p in _expert(model, M, 2, newest).items() if ".B." in n}):
+        assert len({n.split(".memory")[0] for n in params}) == 2  # both decoder layers
+        fast = expert_structure_grad_norms(model, params, ids, labels)
+        loop = per_sample_grad_norms_loop(model, params, ids, labels)
+        torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(expert_grad_norms(model, params, ids, labels), fast)
+        assert fast[4] == 0 and (fast[[0, 1, 2, 3, 5]] > 0).all()
+
+
+def test_expert_structure_with_a_shared_prompt_and_padding():
+    # Every sample has an unlabelled prompt and right padding: the structured path then skips
+    # the padded tail and the prompt's logits; the norms are the same.
+    from sleep_ray.algo.importance import expert_structure_grad_norms
+
+    model, M = _qwen3_with_memory(routing="sequence")
+    ids, labels = _batch(n=4, t=14)
+    labels[:, :5] = -100
+    labels[0, 9:] = labels[1, 11:] = labels[2, 12:] = labels[3, 10:] = -100
+    params = _expert(model, M, 2)
+    fast = expert_structure_grad_norms(model, params, ids, labels)
+    torch.testing.assert_close(fast, per_sample_grad_norms_loop(model, params, ids, labels),
+                               rtol=1e-4, atol=1e-7)
+    assert (fast > 0).all()
+    unlabelled = torch.full_like(labels, -100)
+    assert expert_structure_grad_norms(model, params, ids, unlabelled).tolist() == [0.0] * 4
+
+
+def test_expert_structure_uses_the_given_values():
+    # theta is params' values, not necessarily the model's own tensors (functional_call then).
+    from sleep_ray.algo.importance import expert_structure_grad_norms
+
+    model, M = _qwen3_with_memory()
+    params = {n: p * 1.5 for n, p in _expert(model, M, 2).items()}
+    ids, labels = _batch(n=3)
+    torch.testing.assert_close(expert_structure_grad_norms(model, params, ids, labels),
+                               per_sample_grad_norms_loop(model, params, ids, labels),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_linear_router_falls_back_to_vmap(monkeypatch):
+    from sleep_ray.algo import importance
+
+    model, M = _qwen3_with_memory(router="linear")
+    params = _expert(model, M, 2, M.active_experts(model, 2)[-1])
+    assert any(".router." in n for n in params)
+    ids, labels = _batch(n=4)
+    with pytest.raises(ValueError):
+        importance.expert_structure_grad_norms(model, params, ids, labels)
+    calls = []
+    vmap_path = importance.per_sample_grad_norms
+    monkeypatch.setattr(importance, "per_sample_grad_norms",
+                        lambda *a, **k: calls.append(1) or vmap_path(*a, **k))
+    got = importance.expert_grad_norms(model, params, ids, labels)
+    assert calls == [1]
+    torch.testing.assert_close(got, per_sample_grad_norms_loop(model, params, ids, labels),
+                               rtol=1e-4, atol=1e-7)
+    # Without the router rows the structured path applies (and still matches).
+    ab = {n: p for n, p in params.items() if ".router." not in n}
+    torch.testing.assert_close(importance.expert_grad_norms(model, ab, ids, labels),
+                               per_sample_grad_norms_loop(model, ab, ids, labels),
+                               rtol=1e-4, atol=1e-7)
+    assert calls == [1]
+
+
+def test_expert_structure_leaves_the_model_untouched():
+    from sleep_ray.algo.importance import expert_structure_grad_norms
+
+    model, M = _qwen3_with_memory(attn_implementation="sdpa")
+    trained = set(_expert(model, M, 2))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trained)  # as during training: some flags on, the rest off
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pools = [p for m in M.memories(model) for p in m.levels]
+    hooks = [len(p._forward_hooks) for p in pools]
+    expert_structure_grad_norms(model, _expert(model, M, 2), *_batch(n=3))
+    for n, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p, before[n]), n
+        assert p.requires_grad == flags[n], n
+    assert [len(p._forward_hooks) for p in pools] == hooks
+    assert all("gates" not in vars(p) for p in pools)
