@@ -3,7 +3,10 @@
     python benchmarks/continual.py --stream synthetic_languages --output runs/bench
 """
 
+import sys
+
 from sleep_ray.bench.continual import main
+from sleep_ray.cli import guarded
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(main))

@@ -10,7 +10,8 @@
    wake steps, the same memory.
 4. DeepSpeed ZeRO-2 over the fast expert with plain steps (C(1) = 1, where Eq. 2 is a plain
    step): does it match torch AdamW? (ZeRO 1-3 are refused by LearnerWorker; see its docstring.)
-Needs no Ray and no vLLM; deepspeed only for 3-4.
+Needs no Ray and no vLLM; deepspeed only for 3-4. torch is imported inside the checks, so
+`--help` answers at once.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import os
 import time
 import traceback
 
-import torch
-
 # A CPU rehearsal of the script (GPU_CHECK_DEVICE=cpu) runs the same code before device time is spent.
 DEV = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 
 
 def _sync() -> None:
+    import torch
+
     if DEV == "cuda":
         torch.cuda.synchronize()
 
@@ -48,6 +49,8 @@ def stream():
 
 
 def check_cycle(emit) -> None:
+    import torch
+
     from sleep_ray.model.state import export_memory_state, load_memory_state
     from sleep_ray.sleep.learner import Learner
     from sleep_ray.sleep.pretrain import build_sleep_model
@@ -87,6 +90,8 @@ def check_cycle(emit) -> None:
 
 
 def check_importance(emit) -> None:
+    import torch
+
     from sleep_ray.algo.importance import per_sample_grad_norms, per_sample_grad_norms_loop
     from sleep_ray.config import load_config
     from sleep_ray.model import memory as M
@@ -139,6 +144,7 @@ def check_deepspeed_zero0(emit) -> None:
 
 def check_deepspeed_zero2(emit) -> None:
     import deepspeed
+    import torch
 
     from sleep_ray.data.collate import collate_examples
     from sleep_ray.model import memory as M
@@ -172,10 +178,12 @@ def check_deepspeed_zero2(emit) -> None:
     emit({"check": "deepspeed_zero2_plain_steps_vs_torch_adamw", "max_abs_diff": diff})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="gpu_check.jsonl")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_check.jsonl", help="JSON lines file the results are appended to")
+    args = ap.parse_args(argv)
+    import torch
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29511")

@@ -9,27 +9,22 @@ sets, side by side, and prints test score per epoch:
   full        every backbone weight (no longer a frozen-backbone method: the ceiling)
 If memory and lora stay near chance while full learns, the limit is the frozen tiny backbone,
 not Sleep's consolidation: a continual-learning comparison needs a task the adapters can learn.
+torch, peft and the model are imported after the arguments are read (`--help` answers at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-import torch
-from peft import LoraConfig
 
-from sleep_ray.config import load_config
-from sleep_ray.data import stream_from_config
-from sleep_ray.data.collate import collate_examples
-from sleep_ray.eval.evaluate import score_examples
-from sleep_ray.model import memory as M
-from sleep_ray.sleep.loop import task_batches
-from sleep_ray.sleep.pretrain import build_sleep_model
-
-
-def trainable(kind: str, model, rank: int) -> tuple[list[torch.nn.Parameter], float]:
+def trainable(kind: str, model, rank: int) -> tuple[list, float]:
     """The parameters `kind` trains and its learning rate."""
+    from peft import LoraConfig
+
+    from sleep_ray.model import memory as M
+
     if kind == "memory":
         return M.set_trainable(model, 1), 1e-2
     if kind == "lora":
@@ -46,6 +41,13 @@ def trainable(kind: str, model, rank: int) -> tuple[list[torch.nn.Parameter], fl
 
 
 def run(kind: str, cfg, task, epochs: int) -> list[tuple[int, float, float, float]]:
+    import torch
+
+    from sleep_ray.data.collate import collate_examples
+    from sleep_ray.eval.evaluate import score_examples
+    from sleep_ray.sleep.loop import task_batches
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
     torch.manual_seed(cfg.run.seed)
     model, tok = build_sleep_model(cfg)
     params, lr = trainable(kind, model, cfg.memory.rank)
@@ -66,12 +68,17 @@ def run(kind: str, cfg, task, epochs: int) -> list[tuple[int, float, float, floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="benchmarks/configs/clinc150.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="benchmarks/configs/clinc150.yaml", help="YAML config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override one field (repeatable)")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs over the task (default: 6)")
     ap.add_argument("--kinds", default="memory,lora,full", help="comma list of memory, lora, full")
     args = ap.parse_args(argv)
+    from sleep_ray.config import load_config
+    from sleep_ray.data import stream_from_config
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
     cfg = load_config(args.config, args.overrides)
     task = stream_from_config(cfg.data, cfg.run.seed).tasks[0]
     print(f"task {task.name}: {len(task.train)} train, {len(task.test)} test, metric {task.metric}")
@@ -85,4 +92,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sleep_ray.cli import guarded
+
+    sys.exit(guarded(main))

@@ -11,16 +11,18 @@ rewards), in one placement group. The run resumes from the newest checkpoint in 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen3_8b.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from sleep_ray.cli import add_config_args
+    from sleep_ray.cli import add_config_args, add_logging_args
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap, default_config=str(DEFAULT_CONFIG), output=True)
+    add_logging_args(ap)
     ap.add_argument("--dry-run", action="store_true",
                     help="print the placement plan and memory estimates; start nothing")
     return ap.parse_args(argv)
@@ -33,7 +35,7 @@ def dry_run(cfg) -> str:
     from sleep_ray.model.footprint import footprint, qwen3_8b_config
 
     if not cfg.model.name_or_path.endswith("Qwen3-8B"):
-        raise SystemExit(f"--dry-run estimates Qwen3-8B; model.name_or_path={cfg.model.name_or_path!r}")
+        raise ValueError(f"--dry-run estimates Qwen3-8B; model.name_or_path={cfg.model.name_or_path!r}")
     fp = footprint(qwen3_8b_config(), cfg.memory, DTYPES[cfg.model.dtype])
     head = (f"placement plan: {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.model.attn_implementation}); "
             f"rollout {cfg.rollout.backend}, learner {cfg.learner.backend} ZeRO-{cfg.learner.zero_stage}")
@@ -41,10 +43,11 @@ def dry_run(cfg) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    from sleep_ray.cli import format_summary
+    from sleep_ray.cli import format_summary, setup_logging
     from sleep_ray.config import load_config
 
     args = parse_args(argv)
+    setup_logging(args.log_level)
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(dry_run(cfg))
@@ -58,4 +61,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from sleep_ray.cli import guarded
+
+    sys.exit(guarded(main))

@@ -13,25 +13,28 @@ seconds per phase, ACC / BWT and the accuracy matrix R.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from sleep_ray.cli import add_config_args
+    from sleep_ray.cli import add_config_args, add_logging_args
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap, default_config=str(DEFAULT_CONFIG), output=True)
+    add_logging_args(ap)
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of a local Ray instance (default: 2)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    from sleep_ray.cli import format_summary
+    from sleep_ray.cli import format_summary, setup_logging
     from sleep_ray.config import load_config
 
     args = parse_args(argv)
+    setup_logging(args.log_level)
     cfg = load_config(args.config, args.overrides)
     output = args.output or cfg.run.output_dir
     if cfg.run.engine == "local":
@@ -48,4 +51,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from sleep_ray.cli import guarded
+
+    sys.exit(guarded(main))

@@ -4,13 +4,22 @@
     sleep-ray config --config FILE [--set k=v ...]       print the resolved config
     sleep-ray footprint [--config FILE]                   bytes of expert / memory / model
     sleep-ray bench continual --stream ... --output DIR   Sleep vs the baselines (report + plots)
+    sleep-ray bench systems [--quick] [--rows ...]        the six systems rows (systems.md)
     sleep-ray serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key K]   OpenAI-compatible API
+
+Every command takes --log-level (INFO: phase timings) and --debug. Expected failures (a bad config
+field, a missing file, an invalid value) end with exit status 2 and one line on stderr,
+`sleep-ray: error: <reason>`; Ctrl-C ends with 130. --debug or SLEEP_RAY_DEBUG=1 shows the full
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from collections.abc import Callable
 
 from sleep_ray.config import ConfigError, config_to_dict, load_config
 
@@ -25,6 +34,50 @@ def add_config_args(p: argparse.ArgumentParser, default_config: str | None = Non
     if output:
         p.add_argument("--output", default=None, metavar="RUN_DIR",
                        help="run folder (default: run.output_dir)")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# What a user can fix from a one-line message; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def add_logging_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """--log-level and --debug. `suppress`: a subcommand's copy, which must not overwrite a value
+    given before the subcommand name with its default."""
+    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
+                   default=argparse.SUPPRESS if suppress else "INFO",
+                   help="logging level; INFO shows per-phase timings (default: INFO)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="show the full traceback on failure (also: SLEEP_RAY_DEBUG=1)")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One format for the CLI and the jobs: time, level, logger, message."""
+    logging.basicConfig(level=getattr(logging, level.upper()), datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def guarded(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Run `main(argv)` as a command: an expected error becomes one line on stderr and exit 2,
+    Ctrl-C exit 130; with --debug in argv or SLEEP_RAY_DEBUG=1 the traceback is shown instead."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("SLEEP_RAY_DEBUG", "") not in ("", "0")
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("sleep-ray: error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        reason = (f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename
+                  else " ".join(str(e).split()) or type(e).__name__)
+        print(f"sleep-ray: error: {reason} (--debug for the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return rc if isinstance(rc, int) else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,6 +129,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from sleep_ray.bench.continual import main as continual_main
 
         continual_main(args.rest)
+    elif args.which == "systems":
+        from sleep_ray.bench.systems import main as systems_main
+
+        systems_main(args.rest)
     else:
         from sleep_ray.bench.footprint import main as footprint_main
 
@@ -89,25 +146,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args.run_dir, host=args.host, port=args.port, api_key=args.api_key)
 
 
+def _sub(sub, name: str, summary: str, example: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does (`summary`) and shows an `example`."""
+    p = sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    add_logging_args(p, suppress=True)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sleep-ray", description="The Sleep paradigm for language models.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run wake/sleep cycles over a stream and write RUN_DIR")
+    ap = argparse.ArgumentParser(
+        prog="sleep-ray", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The Sleep paradigm for language models: wake, consolidate and dream over a "
+                    "stream of tasks, in one process or on Ray.",
+        epilog="example:\n  sleep-ray run --config jobs/configs/tiny.yaml --set run.engine=local "
+               "--output runs/x\n\n`sleep-ray COMMAND --help` for each command.")
+    add_logging_args(ap)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _sub(sub, "run", "run wake/sleep cycles over a stream and write RUN_DIR (metrics, "
+                         "TensorBoard, summary, memory, report.md with plots)",
+             "sleep-ray run --config jobs/configs/tiny.yaml --set run.engine=local --output runs/x")
     add_config_args(p, output=True)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("config", help="print the resolved config")
+    p = _sub(sub, "config", "print the resolved config (file, defaults and --set overrides) as YAML",
+             "sleep-ray config --config jobs/configs/tiny.yaml --set data.num_tasks=2")
     add_config_args(p)
     p.set_defaults(func=cmd_config)
-    p = sub.add_parser("footprint", help="bytes of one expert, a memory state and the model")
+    p = _sub(sub, "footprint", "bytes of one expert, a memory state and the model",
+             "sleep-ray footprint --config jobs/configs/tiny.yaml")
     add_config_args(p)
     p.set_defaults(func=cmd_footprint)
-    p = sub.add_parser("bench", help="benchmarks: `continual` (Sleep vs baselines), `footprint`",
-                       add_help=False)
-    p.add_argument("which", choices=["continual", "footprint"])
+    p = _sub(sub, "bench", "benchmarks: `continual` (Sleep vs baselines), `systems` (the six "
+                           "systems rows), `footprint`; "
+                           "`sleep-ray bench NAME --help` for a benchmark's own arguments",
+             "sleep-ray bench continual --stream synthetic_languages --output runs/bench")
+    p.add_argument("which", choices=["continual", "systems", "footprint"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (--help)")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("serve", help="serve RUN_DIR's model (newest memory, hot-reloaded) over an "
-                                     "OpenAI-compatible HTTP API")
+    p = _sub(sub, "serve", "serve RUN_DIR's model (newest memory, hot-reloaded) over an "
+                           "OpenAI-compatible HTTP API",
+             "sleep-ray serve runs/demo --port 8000")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -117,13 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"sleep-ray: config error: {e}", file=sys.stderr)
-        return 2
+    setup_logging(args.log_level)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `sleep-ray` entry point: exit status 0, 2 (user error, one line) or 130 (Ctrl-C)."""
+    return guarded(run_command, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,12 +43,14 @@ from sleep_ray.actors.placement import (
 )
 from sleep_ray.actors.rollout import RolloutWorker
 from sleep_ray.actors.scorer import ScorerWorker
-from sleep_ray.config import SleepConfig, config_to_dict, save_config
+from sleep_ray.config import SleepConfig, check_resume_config, config_to_dict, save_config
 from sleep_ray.data import stream_from_config
+from sleep_ray.model.state import list_checkpoints, write_checkpoint
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.loop import RunRecord, task_batches, write_run
 from sleep_ray.sleep.seeding import seeding_data
+from sleep_ray.tracking import MetricsLogger
 from sleep_ray.types import Task
 
 KEEP_CHECKPOINTS = 2
@@ -82,11 +83,14 @@ class SleepDriver:
         sleep and each task)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.checkpoint_every = checkpoint_every
+        self.bar = tqdm(disable=True)  # the current task's progress bar (`learn_task`)
         self.stream = stream_from_config(cfg.data, cfg.run.seed)
         self.clock = CMSClock(cfg.schedule)
         self.record = RunRecord()
         self.position = Position()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.checkpoints():  # before config.yaml is overwritten by this config
+            check_resume_config(self.run_dir / "config.yaml", cfg)
         save_config(cfg, self.run_dir / "config.yaml")
         t0 = time.perf_counter()
         self._start_workers()
@@ -95,9 +99,8 @@ class SleepDriver:
         if resume:
             self.resume()
         self.record.phase_seconds["start"] += time.perf_counter() - t0
-        self._metrics = (self.run_dir / "metrics.jsonl").open("w")
-        for row in self.record.metrics:  # a resumed run: the rows up to its checkpoint
-            self._metrics.write(json.dumps(row, default=float) + "\n")
+        self._metrics = MetricsLogger(self.run_dir)
+        self._metrics.restore(self.record.metrics)  # a resumed run: the rows up to its checkpoint
 
     # ------------------------------------------------------------------ actors
 
@@ -137,6 +140,7 @@ class SleepDriver:
 
             remove_placement_group(self.pg)
         self._metrics.close()
+        self.bar.close()
 
     def _learner_group(self, call) -> list:
         """Fan `call(worker)` out to every learner worker, one ray.get; results by rank."""
@@ -146,6 +150,12 @@ class SleepDriver:
         """The next rollout worker, round robin (every worker holds the same version)."""
         self._calls += 1
         return self.rollouts[self._calls % len(self.rollouts)]
+
+    def telemetry(self) -> dict[str, list[dict]]:
+        """Every actor's `telemetry()` (seconds of work per method, peak RSS), by role."""
+        groups = {"learner": self.learners, "rollout": self.rollouts, "scorer": self.scorers}
+        refs = {role: [w.telemetry.remote() for w in actors] for role, actors in groups.items()}
+        return {role: ray.get(r) for role, r in refs.items()}
 
     # ------------------------------------------------------------------ the loop
 
@@ -167,8 +177,8 @@ class SleepDriver:
         """Wake over the task's batches from the stream position on; False if stopped early."""
         bs, epochs = self.cfg.data.batch_size, self.cfg.run.epochs_per_task
         steps = -(-len(task.train) // bs) * epochs
-        bar = tqdm(total=steps, initial=self.position.batch, desc=f"wake {task.name}", leave=False,
-                   disable=None)
+        self.bar = bar = tqdm(total=steps, initial=self.position.batch, desc=f"wake {task.name}",
+                              leave=False, disable=None)
         done = 0
         for epoch in range(epochs):
             for batch in task_batches(task, bs, self.cfg.run.seed, epoch):
@@ -198,8 +208,10 @@ class SleepDriver:
     def sleep(self, plan: StepPlan, task: Task) -> None:
         """Consolidate every due level, fastest first, then dream once (as the reference)."""
         for source, target in plan.consolidations:
+            self.show(f"consolidate_{source}_to_{target}")
             self.log({"step": plan.step, **self.consolidate(source, target, plan.step)})
         if self.cfg.dreaming.enabled:
+            self.show("dream")
             with self.record.timed("dream"):
                 stats = self.dream(task, plan.step)
             self.log({"step": plan.step, **stats})
@@ -208,6 +220,11 @@ class SleepDriver:
         if len(set(versions)) != 1:
             raise RuntimeError(f"learner group diverged: versions {versions}")
         self.record.memory_versions.append(versions[0])
+        self.show("wake")
+
+    def show(self, phase: str) -> None:
+        """Name the phase under way in the task's progress bar (a no-op when bars are off)."""
+        self.bar.set_postfix_str(phase, refresh=True)
 
     # ------------------------------------------------------------------ phases
 
@@ -299,6 +316,7 @@ class SleepDriver:
                 for w, part in zip(self.scorers, _split(kept, len(self.scorers)))]
 
     def evaluate(self, t: int) -> None:
+        self.show(f"evaluate after task {t}")
         with self.record.timed("evaluate"):
             row = ray.get(self.learners[0].evaluate.remote(self.stream.tasks, "test"))
         self.record.R.append(row)
@@ -306,12 +324,14 @@ class SleepDriver:
                   **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
 
     def log(self, row: dict) -> None:
+        """Keep the row in the run record and send it to every sink (`MetricsLogger`)."""
         self.record.metrics.append(row)
-        self._metrics.write(json.dumps(row, default=float) + "\n")
-        self._metrics.flush()
+        self._metrics.log(row)
 
     def finish(self) -> dict:
-        """summary.json and the final memory (`write_run`, as the one-process run)."""
+        """summary.json, the final memory, report.md and plots (`write_run`, as the one-process
+        run)."""
+        self._metrics.close()  # flushes TensorBoard before the report is read
         state = ray.get(self.learners[0].memory_state.remote())
         return write_run(self.run_dir, self.record, config_to_dict(self.cfg), _Snapshot(state))
 
@@ -322,32 +342,23 @@ class SleepDriver:
         return self.run_dir / "checkpoints"
 
     def checkpoint(self) -> Path:
-        """Write the run's state to a temporary folder, then rename it into place."""
+        """Write the run's state as a checkpoint folder (`write_checkpoint`: written under a
+        temporary name, then renamed into place; a kill mid-write leaves the earlier ones)."""
         with self.record.timed("checkpoint"):
             name = f"ckpt-{self.clock.step:08d}-{len(self.record.R):04d}"
-            final = self.checkpoint_dir / name
-            tmp = self.checkpoint_dir / f".tmp-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            (tmp / "learner.pt").write_bytes(ray.get(self.learners[0].state_dict.remote()))
+            learner = ray.get(self.learners[0].state_dict.remote())
             record = {"R": self.record.R, "phase_seconds": dict(self.record.phase_seconds),
                       "metrics": self.record.metrics, "cycles": self.record.cycles,
                       "memory_versions": self.record.memory_versions}
-            (tmp / "driver.json").write_text(json.dumps(
-                {"position": asdict(self.position), "clock": self.clock.state_dict(),
-                 "record": record}, default=float))
-            if final.exists():  # the same point again (e.g. right after a resume)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+            driver = json.dumps({"position": asdict(self.position), "clock": self.clock.state_dict(),
+                                 "record": record}, default=float).encode()
+            return write_checkpoint(self.checkpoint_dir, name,
+                                    {"learner.pt": learner, "driver.json": driver},
+                                    keep=KEEP_CHECKPOINTS)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (names sort by step, then tasks evaluated)."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_dir.iterdir() if p.name.startswith("ckpt-"))
+        return list_checkpoints(self.checkpoint_dir)
 
     def resume(self) -> bool:
         """Restore from the newest checkpoint in RUN_DIR, if any."""

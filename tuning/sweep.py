@@ -157,7 +157,7 @@ def write_results(results, out_dir: Path) -> "object":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="base YAML config (default: all defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="fixed override for every trial")
@@ -233,4 +233,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from sleep_ray.cli import guarded
+
+    sys.exit(guarded(main, sys.argv[1:]))

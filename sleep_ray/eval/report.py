@@ -3,6 +3,8 @@
 One row per method: ACC, BWT, mean forgetting, retention (mean_j R[T][j] over the single-task
 reference mean_j single[j] when the `single` method ran, else over mean_j R[j][j]), wall seconds.
 Plots: an R heatmap per method, and each task's score after every task, one panel per method.
+One run's folder (`write_run_report`): report.md and plots/ (annotated R, scores over steps,
+seconds per phase), from its summary and metric rows.
 """
 
 from __future__ import annotations
@@ -43,23 +45,47 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmaps(results: Sequence[MethodResult], task_names: Sequence[str], path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: runs have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_matrix(ax, R: np.ndarray, vmax: float, title: str, task_names: Sequence[str] | None = None,
+                annotate: bool = False):
+    """R as a heatmap on `ax` (row i: after task i; column j: task j); returns the image."""
+    im = ax.imshow(R, vmin=0, vmax=vmax, cmap="viridis")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("task j")
+    ax.set_ylabel("after task i")
+    ax.set_xticks(range(R.shape[1]), labels=task_names if annotate and task_names else None)
+    ax.set_yticks(range(R.shape[0]))
+    if annotate:
+        for (i, j), x in np.ndenumerate(R):
+            # Dark cells get white text: viridis is dark at the low end.
+            ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if x < 0.6 * vmax else "black")
+    return im
+
+
+def draw_curves(ax, x: Sequence[float], R: np.ndarray, task_names: Sequence[str], title: str) -> None:
+    """Each task's score (a column of R) against `x`, one line per task."""
+    for j in range(R.shape[1]):
+        ax.plot(x, R[:, j], marker="o", ms=3, label=task_names[j])
+    ax.set_title(title, fontsize=9)
+
+
+def plot_heatmaps(results: Sequence[MethodResult], task_names: Sequence[str], path: Path) -> None:
+    plt = _pyplot()
     n = len(results)
     top = max(1e-6, max(float(np.nanmax(np.array(r.R))) for r in results))  # one scale for all
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
     for ax, r in zip(axes[0], results):
-        R = np.array(r.R)
-        im = ax.imshow(R, vmin=0, vmax=top, cmap="viridis")
-        ax.set_title(r.method, fontsize=9)
-        ax.set_xlabel("task j")
-        ax.set_ylabel("after task i")
-        ax.set_xticks(range(R.shape[1]))
-        ax.set_yticks(range(R.shape[0]))
+        im = draw_matrix(ax, np.array(r.R), top, r.method)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -67,18 +93,12 @@ def plot_heatmaps(results: Sequence[MethodResult], task_names: Sequence[str], pa
 
 
 def plot_curves(results: Sequence[MethodResult], task_names: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = len(results)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.0), squeeze=False, sharey=True)
     for ax, r in zip(axes[0], results):
         R = np.array(r.R)
-        for j in range(R.shape[1]):
-            ax.plot(range(R.shape[0]), R[:, j], marker="o", ms=3, label=task_names[j])
-        ax.set_title(r.method, fontsize=9)
+        draw_curves(ax, range(R.shape[0]), R, task_names, r.method)
         ax.set_xlabel("after task i")
     axes[0][0].set_ylabel("score")
     axes[0][-1].legend(fontsize=6, loc="best")
@@ -107,3 +127,125 @@ def write_report(out_dir: Path, results: Sequence[MethodResult], task_names: Seq
     text = "\n".join(lines)
     (out_dir / "report.md").write_text(text)
     return text
+
+
+# ---------------------------------------------------------------- one run's folder
+
+RUN_PLOTS = ("accuracy_matrix.png", "task_scores.png", "phase_seconds.png")
+
+
+def eval_scores(metrics: Sequence[Mapping]) -> tuple[list[str], list[int], np.ndarray]:
+    """(task names, steps, scores (E, T)) from the run's evaluation rows, in order: row e holds
+    every task's score at `steps[e]` (the rows a run logs as `eval/<task>` after each task)."""
+    rows = [m for m in metrics if "eval/after_task" in m]
+    names = [k[len("eval/"):] for k in rows[0] if k.startswith("eval/") and k != "eval/after_task"] if rows else []
+    scores = np.array([[float(r[f"eval/{n}"]) for n in names] for r in rows]).reshape(len(rows), len(names))
+    return names, [int(r.get("step", e)) for e, r in enumerate(rows)], scores
+
+
+def plot_accuracy_matrix(R: Sequence[Sequence[float]], task_names: Sequence[str], path: Path,
+                         title: str = "R: score on task j after task i") -> None:
+    """One annotated heatmap of R, on the fixed 0-1 score scale."""
+    plt = _pyplot()
+    R = np.array(R, dtype=float)
+    size = 1.2 + 0.9 * max(2, R.shape[1])
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = draw_matrix(ax, R, 1.0, title, task_names, annotate=True)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_task_scores(steps: Sequence[int], scores: np.ndarray, task_names: Sequence[str],
+                     path: Path) -> None:
+    """Each task's score at every evaluation, against the wake step it was taken at."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    draw_curves(ax, steps, scores, task_names, "each task's score over the run")
+    ax.set_xlabel("wake step (an evaluation after each task)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_phase_seconds(phase_seconds: Mapping[str, float], path: Path) -> None:
+    """Wall seconds per phase, longest at the top."""
+    plt = _pyplot()
+    items = sorted(phase_seconds.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(5.5, 0.8 + 0.3 * len(items)))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    ax.set_xlabel("seconds")
+    ax.set_title("wall time per phase", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def config_lines(cfg: Mapping) -> list[str]:
+    """The config fields a reader of a run report looks for first (config.yaml has the rest)."""
+    g = lambda section, key: cfg.get(section, {}).get(key, "?")
+    return [f"- model: {g('model', 'name_or_path')} {g('model', 'arch')}, hidden {g('model', 'hidden_size')}"
+            f" x {g('model', 'num_layers')} layers",
+            f"- memory: rank {g('memory', 'rank')}, capacity {g('memory', 'capacity')}, "
+            f"top_k {g('memory', 'top_k')}, router {g('memory', 'router')}",
+            f"- schedule: chunk sizes {g('schedule', 'chunk_sizes')}, windows {g('schedule', 'windows')}",
+            f"- data: {g('data', 'stream')}, {g('data', 'num_tasks')} tasks x {g('data', 'train_per_task')}"
+            f" train examples, batch {g('data', 'batch_size')}",
+            f"- engine: {g('run', 'engine')}"
+            + (f" (rollout {g('rollout', 'backend')}, learner {g('learner', 'backend')})"
+               if g('run', 'engine') == "ray" else "")
+            + f", dreaming {'on' if g('dreaming', 'enabled') is True else 'off'}, seed {g('run', 'seed')}"]
+
+
+def run_report_markdown(summary: Mapping, task_names: Sequence[str], plots: Sequence[str]) -> str:
+    """report.md of one run: config, ACC/BWT/retention, R, seconds per phase, memory, plots."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = ["# Sleep run", ""] + config_lines(summary.get("config", {})) + ["", "## Continual learning", ""]
+    R = summary.get("R") or []
+    if R:
+        lines.append(f"ACC **{fmt(summary['acc'])}**, BWT **{summary['bwt']:+.3f}**, mean forgetting "
+                     f"{fmt(summary.get('mean_forgetting'))}, retention {fmt(summary.get('retention'))}")
+        lines += ["", "R[i][j]: score on task j after learning task i.", ""]
+        cols = ["after task"] + list(task_names)
+        rows = [[f"{i} ({task_names[i]})" if i < len(task_names) else str(i)] + [f"{x:.3f}" for x in row]
+                for i, row in enumerate(R)]
+        lines.append(markdown(pd.DataFrame(rows, columns=cols)))
+    else:
+        lines.append("No task was evaluated.")
+    total = sum(summary.get("phase_seconds", {}).values()) or 1.0
+    phases = pd.DataFrame([{"phase": k, "seconds": float(v), "share": f"{100 * v / total:.0f}%"}
+                           for k, v in sorted(summary.get("phase_seconds", {}).items(), key=lambda kv: -kv[1])])
+    lines += ["", "## Seconds per phase", "", markdown(phases) if len(phases) else "none", ""]
+    versions = summary.get("memory_versions", [])
+    lines += ["## Memory", "", f"{summary.get('cycles', 0)} sleep cycles; memory versions after each: "
+              f"{versions if len(versions) <= 20 else str(versions[:10])[:-1] + ', ..., ' + str(versions[-3:])[1:]}", ""]
+    lines += ["## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def write_run_report(out_dir: str | Path, summary: Mapping, metrics: Sequence[Mapping]) -> Path:
+    """RUN_DIR/report.md and RUN_DIR/plots/*.png from the run's summary and metric rows."""
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    names, steps, scores = eval_scores(metrics)
+    R = summary.get("R") or []
+    if not names and R:
+        names = [f"task {j}" for j in range(len(R[0]))]
+    plots = []
+    if R:
+        plot_accuracy_matrix(R, names, out / "plots" / RUN_PLOTS[0])
+        plots.append(RUN_PLOTS[0])
+    if len(steps):
+        plot_task_scores(steps, scores, names, out / "plots" / RUN_PLOTS[1])
+        plots.append(RUN_PLOTS[1])
+    if summary.get("phase_seconds"):
+        plot_phase_seconds(summary["phase_seconds"], out / "plots" / RUN_PLOTS[2])
+        plots.append(RUN_PLOTS[2])
+    path = out / "report.md"
+    path.write_text(run_report_markdown(summary, names, plots))
+    return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -29,6 +30,12 @@ from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.learner import Learner
 from sleep_ray.types import Example, Stream, Task
+
+log = logging.getLogger(__name__)
+
+# A timed block this long or longer is logged at INFO (`phase X took N.Ns`); shorter ones (a
+# wake step of a tiny model takes milliseconds, thousands per run) at DEBUG.
+LOG_PHASE_SECONDS = 1.0
 
 
 def task_batches(task: Task, batch_size: int, seed: int, epoch: int) -> Iterator[list[Example]]:
@@ -51,12 +58,15 @@ class RunRecord:
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Add the block's wall time to `phase_seconds[phase]`."""
+        """Add the block's wall time to `phase_seconds[phase]`, and log it."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.phase_seconds[phase] += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.phase_seconds[phase] += seconds
+            log.log(logging.INFO if seconds >= LOG_PHASE_SECONDS else logging.DEBUG,
+                    "phase %s took %.1fs", phase, seconds)
 
     def summary(self, cfg_dict: dict | None = None) -> dict:
         out = {"cycles": self.cycles, "phase_seconds": dict(self.phase_seconds),
@@ -76,6 +86,7 @@ class LocalSleepRun:
         self.clock = CMSClock(cfg.schedule)
         self.record = RunRecord()
         self._user_log = log
+        self.bar = None  # the current task's progress bar; sleep phases show in its postfix
 
     def log(self, row: dict) -> None:
         self.record.metrics.append(row)
@@ -90,7 +101,7 @@ class LocalSleepRun:
 
     def learn_task(self, task: Task) -> None:
         steps = -(-len(task.train) // self.cfg.data.batch_size) * self.cfg.run.epochs_per_task
-        bar = tqdm(total=steps, desc=f"wake {task.name}", leave=False, disable=None)
+        self.bar = bar = tqdm(total=steps, desc=f"wake {task.name}", leave=False, disable=None)
         for epoch in range(self.cfg.run.epochs_per_task):
             for batch in task_batches(task, self.cfg.data.batch_size, self.cfg.run.seed, epoch):
                 with self.record.timed("wake"):
@@ -100,6 +111,11 @@ class LocalSleepRun:
                 self.log({"step": plan.step, **stats})
                 bar.update(1)
         bar.close()
+
+    def show(self, phase: str) -> None:
+        """Name the phase under way in the task's progress bar (a no-op when bars are off)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(phase, refresh=True)
 
     def after_step(self, plan: StepPlan, task: Task) -> None:
         sources = {source for source, _ in plan.consolidations}
@@ -113,23 +129,28 @@ class LocalSleepRun:
         seed = self.cfg.run.seed
         for source, target in plan.consolidations:
             phase = f"consolidate_{source}_to_{target}"
+            self.show(phase)
             with self.record.timed(phase):
                 data = self.learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"))
                 stats = self.learner.consolidate(source, target, data,
                                                  phase_seed(seed, plan.step, f"{phase}/student"))
             self.log({"step": plan.step, **stats})
         if self.cfg.dreaming.enabled:
+            self.show("dream")
             with self.record.timed("dream"):
                 stats = self.learner.dream(*dream_task(self.cfg, self.learner, task),
                                            seed=phase_seed(seed, plan.step, "dream"))
             self.log({"step": plan.step, **stats})
         self.record.cycles += 1
         self.record.memory_versions.append(self.learner.version)
+        self.show("wake")
 
     def evaluate(self, t: int) -> None:
         with self.record.timed("evaluate"):
-            row = score_stream(self.learner.model, self.learner.tok, self.stream.tasks, "test",
-                               self.cfg.data.max_length, self.cfg.data.max_new_tokens)
+            tasks = tqdm(self.stream.tasks, desc=f"evaluate after task {t}", leave=False, disable=None)
+            row = [score_stream(self.learner.model, self.learner.tok, [task], "test",
+                                self.cfg.data.max_length, self.cfg.data.max_new_tokens)[0]
+                   for task in tasks]
         self.record.R.append(row)
         self.log({"step": self.clock.step, "eval/after_task": t,
                   **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
@@ -143,12 +164,18 @@ def dream_task(cfg: SleepConfig, learner: Learner, task: Task) -> tuple[list[Exa
 
 
 def write_run(out_dir: str | Path, record: RunRecord, cfg_dict: dict, learner: Learner) -> dict:
-    """summary.json and the final memory state in `out_dir` (metrics.jsonl is written live)."""
-    from sleep_ray.model.state import save_memory_state
+    """summary.json and the final memory state in `out_dir` (metrics.jsonl is written live).
+    Both are written to a temporary file and renamed: a kill mid-write leaves the old file."""
+    from sleep_ray.eval.report import write_run_report
+    from sleep_ray.model.state import save_memory_state, write_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = record.summary(cfg_dict)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    # Every learner stats row carries the running count of skipped NaN/inf steps.
+    summary["nonfinite_steps"] = int(max((row.get("nonfinite_steps", 0) for row in record.metrics),
+                                         default=0))
     save_memory_state(learner.memory_state(), out / "memory.safetensors")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+    write_run_report(out, summary, record.metrics)
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from sleep_ray.config import ModelConfig, SleepConfig
 from sleep_ray.data.clinc150 import default_clinc150_root
@@ -25,6 +27,8 @@ from sleep_ray.data.collate import collate_pairs
 from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
 from sleep_ray.model.build import build_model, build_tokenizer, load_backbone
 from sleep_ray.model.tokenizer import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 
 def base_corpus_lines(cfg: ModelConfig) -> list[str]:
@@ -54,7 +58,8 @@ def pretrain(cfg: ModelConfig, lines: list[str], out_dir: Path) -> Path:
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    for step in range(cfg.pretrain_steps):
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base", leave=False, disable=None)
+    for step in bar:
         idx = torch.randint(len(encoded), (cfg.pretrain_batch_size,), generator=gen).tolist()
         batch = collate_pairs([([bos], encoded[i] + [tok.eos_token_id]) for i in idx], tok.pad_token_id)
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -64,6 +69,9 @@ def pretrain(cfg: ModelConfig, lines: list[str], out_dir: Path) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     model.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
@@ -85,6 +93,7 @@ def tiny_base(cfg: ModelConfig) -> Path | None:
     lines = base_corpus_lines(cfg)
     folder = default_cache_dir() / "bases" / base_key(cfg, lines)
     if not (folder / "model.safetensors").exists():
+        log.info("pretraining the tiny base (%d steps, once per config) into %s", cfg.pretrain_steps, folder)
         pretrain(cfg, lines, folder)
     return folder
 

@@ -1,8 +1,11 @@
-"""A whole run from a config: stream, model, learner, the loop, the run folder."""
+"""A whole run from a config: stream, model, learner, the loop, the run folder.
+
+The run folder: config.yaml, metrics.jsonl + tensorboard/ (+ mlruns/ with MLflow installed, see
+`sleep_ray/tracking.py`), summary.json, memory.safetensors, report.md and plots/ (`write_run`).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,6 +15,7 @@ from sleep_ray.data import stream_from_config
 from sleep_ray.sleep.learner import Learner
 from sleep_ray.sleep.loop import LocalSleepRun, write_run
 from sleep_ray.sleep.pretrain import build_sleep_model
+from sleep_ray.tracking import MetricsLogger
 
 
 def run_from_config(cfg: SleepConfig, output: str | None = None) -> dict:
@@ -26,9 +30,9 @@ def run_from_config(cfg: SleepConfig, output: str | None = None) -> dict:
     stream = stream_from_config(cfg.data, cfg.run.seed)
     model, tok = build_sleep_model(cfg)
     learner = Learner(cfg, model, tok)
-    log_file = (out / "metrics.jsonl").open("w")
-    record = LocalSleepRun(cfg, learner, stream,
-                           log=lambda row: (log_file.write(json.dumps(row, default=float) + "\n"),
-                                            log_file.flush())).run()
-    log_file.close()
+    metrics = MetricsLogger(out)
+    try:
+        record = LocalSleepRun(cfg, learner, stream, log=metrics.log).run()
+    finally:
+        metrics.close()
     return write_run(out, record, config_to_dict(cfg), learner)
