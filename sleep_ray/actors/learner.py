@@ -43,6 +43,7 @@ from dataclasses import asdict
 import torch
 
 from sleep_ray.actors.replica import ModelState, export_model_state, set_threads
+from sleep_ray.actors.telemetry import compute_timed, telemetry
 from sleep_ray.config import SleepConfig
 from sleep_ray.data.collate import IGNORE, collate_examples
 from sleep_ray.eval.evaluate import score_stream
@@ -106,6 +107,7 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ wake
 
+    @compute_timed
     def wake_step(self, examples: Sequence[Example]) -> dict[str, float]:
         """Accumulate one batch into the wake levels (Eq. 2). Every worker gets the whole batch
         (its recent-examples buffer must match); with DeepSpeed each forwards only its slice."""
@@ -121,12 +123,10 @@ class LearnerWorker:
         loss = self._slice_loss(*(t.to(L.model.device) for t in
                                   (batch.input_ids, batch.attention_mask, batch.labels)))
         self.engine.backward(loss)  # gradients averaged over the group (an all-reduce)
-        for opt in L.levels.values():
-            opt.accumulate()
-        M.freeze_memory(L.model)
-        L.model.eval()
-        L.recent.extend(examples)
-        return {"wake/loss": self._group_mean(loss.detach())}
+        # The group's mean loss and the all-reduced gradients are the same on every worker, so
+        # all of them skip a non-finite step together (a NaN in one slice reaches every worker).
+        mean = torch.tensor(self._group_mean(loss.detach()), dtype=torch.float64)
+        return L.finish_wake_step(examples, mean)
 
     def _slice_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor) -> torch.Tensor:
@@ -152,18 +152,22 @@ class LearnerWorker:
         dist.all_reduce(loss)
         return loss.item() / self.world
 
+    @compute_timed
     def apply_updates(self, levels: Sequence[int]) -> int:
         self.learner.apply_updates(list(levels))
         return self.learner.version
 
     # ------------------------------------------------------------------ sleep
 
+    @compute_timed
     def seeding_prompts(self) -> list[list[int]]:
         return self.learner.seeding_prompts()
 
+    @compute_timed
     def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
         return self.learner.consolidate(source, target, data, seed)
 
+    @compute_timed
     def dream_context(self, examples: Sequence[Example] | None = None
                       ) -> tuple[list[int], tuple[int, int]] | None:
         """(C as token ids, the newest expert) for a dream phase, or None when the reference
@@ -176,19 +180,23 @@ class LearnerWorker:
             return None
         return L.dream_context(examples), L.newest_expert
 
+    @compute_timed
     def dreams(self, context: list[int], seed: int) -> list[Dream]:
         """Dreams generated here, on the learner's own model (used when the rollout backend
         cannot carry the dreamer adapter)."""
         L = self.learner
         return dreaming.generate_dreams(L.model, L.tok, context, L.cfg.dreaming, seed)
 
+    @compute_timed
     def select_dreams(self, scores: Sequence[float] | None, num_dreams: int) -> list[int]:
         """Kept dream indices; draws from the learner's generator (as the reference does)."""
         return self.learner.select_dreams(None if scores is None else torch.tensor(scores), num_dreams)
 
+    @compute_timed
     def learn_from_dreams(self, kept: Sequence[Dream], rewards: Sequence[float]) -> dict[str, float]:
         return self.learner.learn_from_dreams(list(kept), list(rewards))
 
+    @compute_timed
     def evaluate(self, tasks: Sequence[Task], split: str = "test") -> list[float]:
         """One row of R: the score of every task of the stream."""
         L = self.learner
@@ -200,10 +208,16 @@ class LearnerWorker:
     def version(self) -> int:
         return self.learner.version
 
+    def telemetry(self) -> dict:
+        """Seconds of work per method and the process's peak RSS (`actors/telemetry.py`)."""
+        return telemetry(self)
+
+    @compute_timed
     def memory_state(self) -> ModelState:
         """What rollout and scorer replicas load: memory + dreamer at the current version."""
         return export_model_state(self.learner.model, self.learner.version)
 
+    @compute_timed
     def state_dict(self) -> bytes:
         """Everything needed to resume: memory, level optimizers (pending sums, moments),
         generator and global RNG states, version, newest expert, recent examples, dreamer.
@@ -217,6 +231,7 @@ class LearnerWorker:
         torch.save(blob, buf)
         return buf.getvalue()
 
+    @compute_timed
     def load_state_dict(self, data: bytes) -> int:
         blob = torch.load(io.BytesIO(data), weights_only=True)
         if blob.get("format") != CHECKPOINT_FORMAT:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sleep_ray.actors.replica import ModelState, Replica, set_threads
+from sleep_ray.actors.telemetry import compute_timed, telemetry
 from sleep_ray.config import SleepConfig
 from sleep_ray.engines.base import check_version
 from sleep_ray.sleep import dreaming
@@ -80,6 +81,7 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ versions
 
+    @compute_timed
     def load_memory(self, state: ModelState | MemoryState) -> int:
         """Load a published version (memory, and the dreamer when present); returns the version
         held. Older than held raises `MemoryVersionError`; the same version is a no-op."""
@@ -97,8 +99,13 @@ class RolloutWorker:
     def memory_version(self) -> int:
         return self.version
 
+    def telemetry(self) -> dict:
+        """Seconds of work per method; peak RSS includes vLLM's engine processes (children)."""
+        return telemetry(self)
+
     # ------------------------------------------------------------------ sampling
 
+    @compute_timed
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
                  seed: int, dream: bool = False, state: ModelState | None = None) -> list[list[int]]:
         """Completion ids per prompt, cut after the first EOS. `dream`: dreaming mode as the
@@ -111,6 +118,7 @@ class RolloutWorker:
                                         temperature=temperature, seed=seed,
                                         dream=dream and d.random_expert)
 
+    @compute_timed
     def dreams(self, context: list[int], seed: int, state: ModelState | None = None) -> list[Dream]:
         """m dreams conditioned on C (METHOD.md section 5 step 1), as `generate_dreams` makes them."""
         if state is not None:

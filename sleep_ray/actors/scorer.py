@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sleep_ray.actors.replica import ModelState, Replica, set_threads
+from sleep_ray.actors.telemetry import compute_timed, telemetry
 from sleep_ray.config import SleepConfig
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.dreaming import Dream
@@ -32,6 +33,11 @@ class ScorerWorker:
     def memory_version(self) -> int:
         return self.replica.version
 
+    def telemetry(self) -> dict:
+        """Seconds of work per method and the process's peak RSS (`actors/telemetry.py`)."""
+        return telemetry(self)
+
+    @compute_timed
     def importance(self, dreams: Sequence[Dream], expert: tuple[int, int],
                    state: ModelState) -> list[float]:
         """omega of each dream (float32 values, as Python floats: they round-trip exactly)."""
@@ -40,6 +46,7 @@ class ScorerWorker:
                                            self.replica.tok.pad_token_id)
         return scores.tolist()
 
+    @compute_timed
     def lora_rewards(self, dreams: Sequence[Dream], tau_examples: Sequence[Example],
                      state: ModelState, seed: int) -> tuple[list[float], float, list[float]]:
         """(reward per dream, tau of the unmodified model, tau of each dream's copy)."""
