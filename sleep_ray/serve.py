@@ -7,44 +7,54 @@ server-sent events in OpenAI's chunk format, ending in `data: [DONE]`), `GET /v1
 model carries `memory_version`) and `GET /v1/sleep/version` (`{"model", "version", "source"}`).
 
 Route choice: a plain Serve deployment (`@serve.ingress` over a FastAPI app) that owns one
-`sleep_ray.engines.vllm.VLLMEngine`, not `ray.serve.llm`. The memory lives in our own vLLM model
-class and moves by `VLLMEngine.load_memory` (a worker RPC that copies tensors in place); the
-`ray.serve.llm` stack builds its own engine from a model id and has no hook to swap the memory
-of a running engine, so hot reloads would mean restarting replicas. Owning the engine keeps one
-code path with the rollout workers. The engine is synchronous: each request's `generate` runs in
-a thread (`asyncio.to_thread`) under a lock that a reload also takes, so a reload happens
-between generate calls and never under an in-flight one (requests are served one at a time per
-replica; this is a tiny-model server, not a throughput one).
+`sleep_ray.engines.vllm_async.AsyncVLLMEngine` (vLLM's `AsyncLLM`), not `ray.serve.llm`. The
+memory lives in our own vLLM model class and moves by a worker RPC that copies tensors in place;
+`ray.serve.llm` builds its own engine from a model id and has no hook to swap the memory of a
+running engine, so hot reloads would mean restarting replicas. Owning the engine keeps the
+engine settings and the memory path of the rollout workers (`engines/vllm.py`).
 
-Memory: at start the replica reads `RUN_DIR/config.yaml`, builds the model (`build_sleep_model`)
-and loads the newest memory of the run: `RUN_DIR/memory.safetensors` (the final memory
-`write_run` leaves) or the `memory` of the newest `checkpoints/ckpt-*/learner.pt`, whichever
-holds the higher version. A background thread polls those files every `poll_s` seconds and
-loads a newer version in place (an equal or older one is ignored).
+Streaming and batching: every request is an async generator over the engine; vLLM batches all
+requests in flight (up to `max_num_seqs` sequences per step, the rest queue in the engine) and
+each SSE chunk leaves as soon as vLLM yields its tokens. Text deltas are decoded from the ids
+so far, holding back a trailing partial character, so the chunks join to exactly the
+non-streamed text of the same request (same seed, or greedy).
 
-Streaming: `VLLMEngine.generate` returns whole sequences, so a streamed response generates first
-and then sends one chunk per token (text deltas chosen so that the chunks join to exactly the
-non-streamed text). Time to first byte is therefore the full generation time.
+Hot reload: at start the replica reads `RUN_DIR/config.yaml`, builds the model
+(`build_sleep_model`) and loads the newest memory of the run: `RUN_DIR/memory.safetensors` (the
+final memory `write_run` leaves) or the `memory` of the newest `checkpoints/ckpt-*/learner.pt`,
+whichever holds the higher version. A task polls those files every `poll_s` seconds; a newer
+version goes through the `MemoryGate`: the gate closes (new requests wait, up to `gate_wait_s`,
+then get 503), the in-flight requests finish under the memory they started with, the memory is
+loaded and the prefix cache reset, and the gate opens. A response's `system_fingerprint` names
+the memory version that produced all of it.
+
+Faults: Serve health-checks the replica every 2 s (`check_health` also asks vLLM's engine core);
+a replica that dies (killed, or its engine died) is replaced by the controller, which builds a
+fresh engine and loads the run's newest memory. Requests in flight on the dead replica fail
+(the client sees a 5xx or a broken stream and may retry); requests after the replacement is up
+succeed. Bad input gets a 4xx in OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}` naming the parameter; the checks are module-level functions (`parse_body`,
+`check_model`, `prompt_ids`, `check_messages`, `sampling_options`, `check_api_key`).
 
 Chat template: the tokenizer's own when it has one; otherwise each message becomes a line
 `"{role}: {content}"`, followed by `"assistant:"` (the tiny tokenizers have none).
 
 Sampling: `temperature` 0 is greedy; `seed` (default 0) makes a request repeatable; `n` must be
 1; `top_p`, `stop`, `logprobs` and penalties are not supported (`stop` is refused with 400).
-Errors come back in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -55,6 +65,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "sleep-ray"
 APP_NAME = "sleep_ray"
+DEPLOYMENT_NAME = "SleepLLM"
 
 
 # ---------------------------------------------------------------------- the run's memory
@@ -103,7 +114,56 @@ def _checkpoint_state(path: Path):
                        meta={"format": FORMAT, "version": str(version)})
 
 
-# ---------------------------------------------------------------------- errors
+# ---------------------------------------------------------------------- the reload gate
+
+
+class MemoryGate:
+    """Requests run while the gate is open; `swap` closes it, waits until the requests in flight
+    have finished, runs the load, and opens it again. So a request never spans two memories."""
+
+    def __init__(self, wait_s: float = 30.0):
+        self.wait_s = wait_s  # how long a new request waits for a reload before a 503
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._in_flight = 0
+        self._swap_lock = asyncio.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextlib.asynccontextmanager
+    async def admit(self):
+        deadline = time.monotonic() + self.wait_s
+        # re-check after each wake-up: a swap may have closed the gate again since it was set
+        while not self._open.is_set():
+            try:
+                await asyncio.wait_for(self._open.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise APIError(503, "The model's memory is being reloaded; retry shortly.",
+                               "server_error", None, "memory_reloading") from None
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def swap(self, load: Callable[[], Awaitable[None]]) -> None:
+        async with self._swap_lock:
+            self._open.clear()
+            try:
+                await self._idle.wait()
+                await load()
+            finally:
+                self._open.set()
+
+
+# ---------------------------------------------------------------------- request checks
 
 
 class APIError(Exception):
@@ -117,14 +177,144 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def check_api_key(authorization: str | None, api_key: str | None) -> None:
+    """401 unless `authorization` is `Bearer API_KEY` (no key configured: anything passes)."""
+    if api_key is not None and authorization != f"Bearer {api_key}":
+        raise APIError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY').",
+                       "invalid_request_error", None, "invalid_api_key")
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object, or 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def check_model(body: dict, model_name: str) -> None:
+    model = body.get("model")
+    if model is None:
+        raise APIError(400, "'model' is required.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise APIError(400, "'model' must be a string.", param="model", code="invalid_type")
+    if model != model_name:
+        raise APIError(404, f"The model {model!r} does not exist; this server has {model_name!r}.",
+                       param="model", code="model_not_found")
+
+
+def prompt_ids(prompt, encode: Callable[[str], list[int]]) -> list[int]:
+    """Token ids of a completion's `prompt`: a non-empty string or a list of token ids (a
+    one-element batch is unwrapped; larger batches are refused)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                   and t >= 0 for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, str) and prompt:
+        return encode(prompt)
+    raise APIError(400, "'prompt' is required: a non-empty string (or a list of token ids); "
+                        "batches of prompts are not supported.", param="prompt",
+                   code="missing_required_parameter" if prompt is None else "invalid_value")
+
+
+def check_messages(messages) -> list[dict]:
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in messages)):
+        raise APIError(400, "'messages' is required: a non-empty list of {role, content} "
+                            "objects with string content.", param="messages",
+                       code="missing_required_parameter" if messages is None else "invalid_value")
+    return messages
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _get(body: dict, key: str, default):
+    """body[key], with an absent key or JSON null meaning the default (as OpenAI's API reads it)."""
+    value = body.get(key)
+    return default if value is None else value
+
+
+def sampling_options(body: dict, prompt_len: int, max_len: int, key: str = "max_tokens") -> dict:
+    """The engine's sampling keywords for `body`, or 400 naming the parameter at fault."""
+    room = max_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"The prompt has {prompt_len} tokens; this model's context is "
+                            f"{max_len}.", param="prompt", code="context_length_exceeded")
+    max_tokens = _get(body, key, min(16, room))
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= room:
+        raise APIError(400, f"'{key}' must be an integer in [1, {room}] (context {max_len} "
+                            f"minus {prompt_len} prompt tokens); got {max_tokens!r}.",
+                       param=key, code="invalid_value")
+    temperature = _get(body, "temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise APIError(400, f"'temperature' must be a number in [0, 2]; got {temperature!r}.",
+                       param="temperature", code="invalid_value")
+    n = _get(body, "n", 1)
+    if not _is_int(n) or n != 1:
+        raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
+    if body.get("stop"):
+        raise APIError(400, "'stop' is not supported by this server.", param="stop",
+                       code="invalid_value")
+    if not isinstance(_get(body, "stream", False), bool):
+        raise APIError(400, "'stream' must be a boolean.", param="stream", code="invalid_type")
+    seed = _get(body, "seed", 0)
+    if not _is_int(seed) or seed < 0:
+        raise APIError(400, "'seed' must be a non-negative integer.", param="seed", code="invalid_value")
+    return dict(max_new_tokens=max_tokens, temperature=float(temperature) or 1.0,
+                greedy=temperature == 0, seed=seed)
+
+
+def include_usage(body: dict) -> bool:
+    """`stream_options.include_usage`: whether a stream ends with a usage chunk."""
+    options = _get(body, "stream_options", {})
+    if not isinstance(options, dict) or not isinstance(_get(options, "include_usage", False), bool):
+        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}.",
+                       param="stream_options", code="invalid_type")
+    return bool(options.get("include_usage"))
+
+
 def chat_prompt(messages: list[dict]) -> str:
     """The fallback chat template: one `role: content` line per message, then `assistant:`."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
+class TextDeltas:
+    """Text pieces for a growing list of token ids that join to exactly `decode(all ids)`:
+    each step decodes the ids so far and sends what is new, holding back a trailing U+FFFD (a
+    character whose bytes have not all arrived)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.sent = decode, [], ""
+
+    def add(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.decode(self.ids).rstrip("\ufffd")
+        return self._take(text)
+
+    def finish(self) -> str:
+        return self._take(self.decode(self.ids))
+
+    def _take(self, text: str) -> str:
+        if not text.startswith(self.sent):  # a decode that is not prefix-stable: wait for the end
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 app = FastAPI(title="sleep_ray")
@@ -138,73 +328,87 @@ async def _api_error(request: Request, exc: APIError):
 # ---------------------------------------------------------------------- the deployment
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
+@serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 0},
+                  max_ongoing_requests=256, health_check_period_s=2.0, health_check_timeout_s=30.0,
+                  graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0)
 @serve.ingress(app)
 class SleepLLM:
-    def __init__(self, run_dir: str, *, api_key: str | None = None, model_name: str | None = None,
-                 poll_s: float = 2.0, kv_cache_gib: float | None = None):
+    async def __init__(self, run_dir: str, *, api_key: str | None = None,
+                       model_name: str | None = None, poll_s: float = 2.0,
+                       kv_cache_gib: float | None = None, max_num_seqs: int = 64,
+                       gate_wait_s: float = 30.0):
+        # async: vLLM's AsyncLLM binds to the running loop, which is the one serving requests
         from transformers import AutoTokenizer
 
         from sleep_ray.actors.rollout import max_model_len
         from sleep_ray.config import load_config
-        from sleep_ray.engines.vllm import VLLMEngine
-        from sleep_ray.engines.vllm_checkpoint import save_for_vllm
-        from sleep_ray.model.state import load_memory_state
-        from sleep_ray.sleep.pretrain import build_sleep_model
+        from sleep_ray.engines.vllm_async import AsyncVLLMEngine
 
         self.run_dir = Path(run_dir)
         self.api_key = api_key or None
         self.model_name = model_name or DEFAULT_MODEL_NAME
         cfg = load_config(self.run_dir / "config.yaml")
+        self._folder, version, self.source = self._write_model(cfg)
+        self.max_len = max_model_len(cfg)
+        r = cfg.rollout
+        self.engine = AsyncVLLMEngine(
+            self._folder, max_model_len=self.max_len, enforce_eager=r.enforce_eager,
+            kv_cache_gib=kv_cache_gib if kv_cache_gib is not None else r.kv_cache_gib,
+            seed=cfg.run.seed, max_num_seqs=max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization)
+        self.tok = AutoTokenizer.from_pretrained(str(self._folder))
+        self.gate = MemoryGate(gate_wait_s)
+        self._poller = asyncio.get_running_loop().create_task(self._poll(poll_s))
+
+    def _write_model(self, cfg) -> tuple[Path, int, str | None]:
+        """The vLLM folder of the run's model with its newest memory: (folder, version, source)."""
+        from sleep_ray.engines.vllm_checkpoint import save_for_vllm
+        from sleep_ray.model.state import load_memory_state
+        from sleep_ray.sleep.pretrain import build_sleep_model
+
         model, tok = build_sleep_model(cfg)
         newest = newest_memory_source(self.run_dir)
-        version, self.source = 0, None
+        version, source = 0, None
         if newest is not None:
             state = read_memory(newest[1])
             load_memory_state(model, state)
-            version, self.source = state.version, str(newest[1])
-        self._folder = Path(tempfile.mkdtemp(prefix="sleep_ray_serve_"))
-        save_for_vllm(model.cpu(), tok, cfg, self._folder, version=version)
-        del model
-        self.max_len = max_model_len(cfg)
-        r = cfg.rollout
-        self.engine = VLLMEngine(self._folder, max_model_len=self.max_len,
-                                 kv_cache_gib=kv_cache_gib if kv_cache_gib is not None else r.kv_cache_gib,
-                                 enforce_eager=r.enforce_eager, seed=cfg.run.seed, max_num_seqs=8,
-                                 gpu_memory_utilization=r.gpu_memory_utilization)
-        self.tok = AutoTokenizer.from_pretrained(str(self._folder))
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, args=(poll_s,), daemon=True,
-                                        name="sleep_ray_memory_poll")
-        self._poller.start()
+            version, source = state.version, str(newest[1])
+        folder = Path(tempfile.mkdtemp(prefix="sleep_ray_serve_"))
+        save_for_vllm(model.cpu(), tok, cfg, folder, version=version)
+        return folder, version, source
 
     # ------------------------------------------------------------------ memory
 
-    def _poll(self, poll_s: float) -> None:
-        while not self._stop.wait(poll_s):
+    async def _poll(self, poll_s: float) -> None:
+        while True:
+            await asyncio.sleep(poll_s)
             try:
-                self.reload()
+                await self.reload()
             except Exception:
                 log.exception("memory reload failed")
 
-    def reload(self) -> int:
+    async def reload(self) -> int:
         """Load RUN_DIR's newest memory when it is newer than the held one; the version held."""
-        newest = newest_memory_source(self.run_dir)
+        newest = await asyncio.to_thread(newest_memory_source, self.run_dir)
         if newest is None or newest[0] <= self.engine.memory_version():
             return self.engine.memory_version()
-        state = read_memory(newest[1])
-        with self._lock:  # between generate calls
+        state = await asyncio.to_thread(read_memory, newest[1])
+
+        async def load() -> None:
             if state.version > self.engine.memory_version():
-                self.engine.load_memory(state)
+                await self.engine.load_memory(state)
                 self.source = str(newest[1])
                 log.info("loaded memory v%d from %s", state.version, newest[1])
+
+        await self.gate.swap(load)
         return self.engine.memory_version()
 
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
     def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             try:
@@ -215,82 +419,61 @@ class SleepLLM:
 
     # ------------------------------------------------------------------ helpers
 
-    def _auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
-            raise APIError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY').",
-                           "invalid_request_error", None, "invalid_api_key")
-
     async def _body(self, request: Request) -> dict:
-        self._auth(request)
-        try:
-            body = await request.json()
-        except Exception:  # noqa: BLE001
-            raise APIError(400, "The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        model = body.get("model")
-        if model is None:
-            raise APIError(400, "'model' is required.", param="model", code="missing_required_parameter")
-        if model != self.model_name:
-            raise APIError(404, f"The model {model!r} does not exist; this server has "
-                                f"{self.model_name!r}.", param="model", code="model_not_found")
+        check_api_key(request.headers.get("authorization"), self.api_key)
+        body = parse_body(await request.body())
+        check_model(body, self.model_name)
         return body
 
-    def _sampling(self, body: dict, prompt_len: int, key: str = "max_tokens") -> dict:
-        room = self.max_len - prompt_len
-        if room < 1:
-            raise APIError(400, f"The prompt has {prompt_len} tokens; this model's context is "
-                                f"{self.max_len}.", param="prompt", code="context_length_exceeded")
-        max_tokens = body.get(key, body.get("max_completion_tokens", min(16, room)))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= room:
-            raise APIError(400, f"'{key}' must be an integer in [1, {room}] (context {self.max_len} "
-                                f"minus {prompt_len} prompt tokens); got {max_tokens!r}.",
-                           param=key, code="invalid_value")
-        temperature = body.get("temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-            raise APIError(400, "'temperature' must be a number in [0, 2].", param="temperature",
-                           code="invalid_value")
-        if body.get("n", 1) != 1:
-            raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
-        if body.get("stop"):
-            raise APIError(400, "'stop' is not supported by this server.", param="stop",
-                           code="invalid_value")
-        seed = body.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise APIError(400, "'seed' must be a non-negative integer.", param="seed", code="invalid_value")
-        return dict(max_new_tokens=max_tokens, temperature=float(temperature) or 1.0,
-                    greedy=temperature == 0, seed=seed)
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] or [self.tok.eos_token_id or 0]
 
-    async def _generate(self, ids: list[int], sampling: dict) -> tuple[list[int], int]:
-        def run():
-            with self._lock:
-                out = self.engine.generate([ids], **sampling)[0]
-                return out, self.engine.memory_version()
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
 
-        return await asyncio.to_thread(run)
+    async def _run(self, ids: list[int], sampling: dict) -> AsyncIterator[tuple[int, list[int]]]:
+        """(memory version, new token ids) as the engine yields them, inside the gate."""
+        async with self.gate.admit():
+            version = self.engine.memory_version()
+            yield version, []
+            async for new in self.engine.generate(ids, **sampling):
+                yield version, new
 
-    def _deltas(self, out: list[int]) -> list[str]:
-        """One text delta per token, joining to exactly `decode(out)`."""
-        final = self.tok.decode(out, skip_special_tokens=True)
-        deltas, sent = [], ""
-        for i in range(1, len(out) + 1):
-            text = self.tok.decode(out[:i], skip_special_tokens=True) if i < len(out) else final
-            delta = text[len(sent):] if text.startswith(sent) and final.startswith(text) else ""
-            sent += delta
-            deltas.append(delta)
-        return deltas
+    async def _complete(self, ids: list[int], sampling: dict) -> tuple[list[int], int]:
+        out, version = [], 0
+        async for version, new in self._run(ids, sampling):
+            out += new
+        return out, version
 
-    def _finish(self, out: list[int], max_new: int) -> str:
-        return "length" if len(out) >= max_new else "stop"
+    async def _stream(self, ids: list[int], sampling: dict, chunk: Callable[..., dict],
+                      usage: bool) -> StreamingResponse:
+        """SSE of `chunk(version, text=..., finish=...)` dicts, sent as vLLM yields tokens, then
+        (`usage`) one with no choices and the token counts, as OpenAI's `include_usage` does.
+        Admission happens before the response starts, so a closed gate is a 503, not a broken
+        stream."""
+        run = self._run(ids, sampling)
+        version, _ = await run.__anext__()
 
-    def _sse(self, chunks) -> StreamingResponse:
         async def events():
-            for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+            deltas, n = TextDeltas(self._decode), 0
+            try:
+                yield _sse(chunk(version, start=True))
+                async for _, new in run:
+                    n += len(new)
+                    if text := deltas.add(new):
+                        yield _sse(chunk(version, text=text))
+                if text := deltas.finish():
+                    yield _sse(chunk(version, text=text))
+                finish = "length" if n >= sampling["max_new_tokens"] else "stop"
+                yield _sse(chunk(version, finish=finish))
+                if usage:
+                    yield _sse(dict(chunk(version), choices=[], usage=_usage(len(ids), n)))
+            except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+                log.exception("stream failed")
+                yield _sse(error_body(f"generation failed: {e}", "server_error"))
+            finally:
+                await run.aclose()
+            yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -298,101 +481,85 @@ class SleepLLM:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        self._auth(request)
+        check_api_key(request.headers.get("authorization"), self.api_key)
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": 0, "owned_by": "sleep_ray",
             "memory_version": self.engine.memory_version()}]}
 
     @app.get("/v1/sleep/version")
     async def version(self, request: Request):
-        self._auth(request)
+        check_api_key(request.headers.get("authorization"), self.api_key)
         return {"model": self.model_name, "version": self.engine.memory_version(),
                 "source": self.source}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        elif isinstance(prompt, str) and prompt:
-            ids = self.tok(prompt, add_special_tokens=False)["input_ids"] or [self.tok.eos_token_id or 0]
-        else:
-            raise APIError(400, "'prompt' is required: a non-empty string (or a list of token "
-                                "ids); batches of prompts are not supported.", param="prompt",
-                           code="missing_required_parameter" if prompt is None else "invalid_value")
-        sampling = self._sampling(body, len(ids))
-        out, version = await self._generate(ids, sampling)
+        ids = prompt_ids(body.get("prompt"), self._encode)
+        sampling = sampling_options(body, len(ids), self.max_len)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        finish = self._finish(out, sampling["max_new_tokens"])
-        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "system_fingerprint": f"memory-v{version}"}
+
+        def base(version: int) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": self.model_name, "system_fingerprint": f"memory-v{version}"}
+
         if body.get("stream"):
-            chunks = [dict(base, choices=[{"index": 0, "text": d, "logprobs": None, "finish_reason": None}])
-                      for d in self._deltas(out)]
-            chunks.append(dict(base, choices=[{"index": 0, "text": "", "logprobs": None,
-                                               "finish_reason": finish}]))
-            return self._sse(chunks)
-        text = self.tok.decode(out, skip_special_tokens=True)
-        return dict(base, choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            def chunk(version, text="", finish=None, start=False):
+                return dict(base(version), choices=[{"index": 0, "text": text, "logprobs": None,
+                                                     "finish_reason": finish}])
+            return await self._stream(ids, sampling, chunk, include_usage(body))
+        out, version = await self._complete(ids, sampling)
+        finish = "length" if len(out) >= sampling["max_new_tokens"] else "stop"
+        return dict(base(version), choices=[{"index": 0, "text": self._decode(out), "logprobs": None,
+                                             "finish_reason": finish}],
                     usage=_usage(len(ids), len(out)))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
         body = await self._body(request)
-        messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise APIError(400, "'messages' is required: a non-empty list of {role, content} "
-                                "objects with string content.", param="messages",
-                           code="missing_required_parameter" if messages is None else "invalid_value")
-        ids = self._chat_ids(messages)
-        sampling = self._sampling(body, len(ids), "max_tokens" if "max_tokens" in body
-                                  else "max_completion_tokens")
-        out, version = await self._generate(ids, sampling)
+        ids = self._chat_ids(check_messages(body.get("messages")))
+        key = "max_completion_tokens" if "max_completion_tokens" in body and "max_tokens" not in body \
+            else "max_tokens"
+        sampling = sampling_options(body, len(ids), self.max_len, key)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        finish = self._finish(out, sampling["max_new_tokens"])
         if body.get("stream"):
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_name, "system_fingerprint": f"memory-v{version}"}
-            chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                           "finish_reason": None}])]
-            chunks += [dict(base, choices=[{"index": 0, "delta": {"content": d}, "finish_reason": None}])
-                       for d in self._deltas(out)]
-            chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
-            return self._sse(chunks)
-        text = self.tok.decode(out, skip_special_tokens=True)
+            def chunk(version, text="", finish=None, start=False):
+                delta = {"role": "assistant", "content": ""} if start else \
+                    ({"content": text} if finish is None else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": self.model_name, "system_fingerprint": f"memory-v{version}",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return await self._stream(ids, sampling, chunk, include_usage(body))
+        out, version = await self._complete(ids, sampling)
+        finish = "length" if len(out) >= sampling["max_new_tokens"] else "stop"
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "system_fingerprint": f"memory-v{version}",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self._decode(out)},
                              "finish_reason": finish}],
                 "usage": _usage(len(ids), len(out))}
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         if getattr(self.tok, "chat_template", None):
             return list(self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
-        return self.tok(chat_prompt(messages), add_special_tokens=False)["input_ids"]
+        return self._encode(chat_prompt(messages))
 
 
 # ---------------------------------------------------------------------- starting it
 
 
 def build_app(run_dir: str | Path, *, api_key: str | None = None, model_name: str | None = None,
-              poll_s: float = 2.0, kv_cache_gib: float | None = None):
+              poll_s: float = 2.0, kv_cache_gib: float | None = None, max_num_seqs: int = 64):
     """The bound Serve application for RUN_DIR (pass it to `serve.run`)."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sleep-ray run folder)")
     return SleepLLM.bind(str(run_dir), api_key=api_key, model_name=model_name, poll_s=poll_s,
-                         kv_cache_gib=kv_cache_gib)
+                         kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs)
 
 
 def start(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, poll_s: float = 2.0,
-          kv_cache_gib: float | None = None):
+          kv_cache_gib: float | None = None, max_num_seqs: int = 64):
     """Start Ray (if needed) and Serve on host:port, and deploy RUN_DIR's model; returns the handle."""
     import ray
 
@@ -402,7 +569,8 @@ def start(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         init_ray(2)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(build_app(run_dir, api_key=api_key, model_name=model_name, poll_s=poll_s,
-                               kv_cache_gib=kv_cache_gib), name=APP_NAME, route_prefix="/")
+                               kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs),
+                     name=APP_NAME, route_prefix="/")
 
 
 def main(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from sleep_ray.ports import free_loopback_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,20 +33,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _pick_free_port() -> int:
-    """A free TCP port on 127.0.0.1 outside 10002-19999 (the range Ray keeps for its workers)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
-
-
 @pytest.fixture(scope="session")
 def free_port():
     """Call it for a free loopback port: `port = free_port()`."""
-    return _pick_free_port
+    return free_loopback_port
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from sleep_ray.engines.base import check_version
+from sleep_ray.engines.packed import PackedStateWriter, make_state_dir, packed_meta
 from sleep_ray.engines.vllm_checkpoint import CONFIG_KEY
 from sleep_ray.engines.vllm_plugin import register
 from sleep_ray.engines.vllm_worker import SleepWorkerExtension
-from sleep_ray.model.state import save_memory_state
 from sleep_ray.types import MemoryState
 
+# VLLMEngine's keyword defaults, which the serving engine shares.
+ENGINE_DEFAULTS = dict(max_model_len=512, kv_cache_gib=1.0, enforce_eager=True, seed=0, dtype=None,
+                       max_num_seqs=64, gpu_memory_utilization=0.5)
 _WORKER_EXTENSION = f"{SleepWorkerExtension.__module__}.{SleepWorkerExtension.__qualname__}"
 
 
@@ -43,21 +45,14 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, *, max_model_len: int = 512,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, seed: int = 0,
                  dtype: str | None = None, max_num_seqs: int = 64,
-                 gpu_memory_utilization: float = 0.5):
-        register()  # this process; vLLM's own processes load the plugin by entry point
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        if CONFIG_KEY not in config:
-            raise ValueError(f"{model_dir}: config.json has no {CONFIG_KEY!r}; save the model "
-                             "with save_for_vllm")
-        _check_head_dim(config)
-        self._version = int(config[CONFIG_KEY].get("version", 0))
-        self.llm = LLM(
-            model=str(model_dir), tokenizer=str(model_dir), dtype=dtype or _checkpoint_dtype(config),
-            max_model_len=max_model_len, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
-            enforce_eager=enforce_eager, seed=seed, max_num_seqs=max_num_seqs,
-            gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
-            worker_extension_cls=_WORKER_EXTENSION)
-        self._state_dir = Path(tempfile.mkdtemp(prefix="sleep_ray_memory_"))
+                 gpu_memory_utilization: float = 0.5):  # defaults: ENGINE_DEFAULTS
+        self._version, kwargs = engine_settings(
+            model_dir, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+            enforce_eager=enforce_eager, seed=seed, dtype=dtype, max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = LLM(**kwargs)
+        self._state_dir = make_state_dir()  # /dev/shm when the node has it
+        self._writer = PackedStateWriter(self._state_dir)  # one file, overwritten in place
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                  seed: int, greedy: bool = False, dream: bool = False) -> list[list[int]]:
@@ -75,17 +70,21 @@ class VLLMEngine:
         return [list(o.outputs[0].token_ids) for o in outputs]
 
     def load_memory(self, state: MemoryState) -> None:
+        """Copy `state` into the workers' memory in place (`publish_memory`), then clear the
+        prefix cache."""
         check_version(self._version, state.version)
-        path = save_memory_state(state, self._state_dir / f"memory-v{state.version}.safetensors")
-        try:
-            versions = self.llm.collective_rpc(SleepWorkerExtension.load_sleep_memory.__name__,
-                                               args=(str(path),))
-        finally:
-            path.unlink(missing_ok=True)
-        if any(v != state.version for v in versions):
-            raise RuntimeError(f"workers report memory versions {versions}, expected v{state.version}")
+        publish_memory(self._writer, state, self.llm.collective_rpc)
         self.llm.reset_prefix_cache()
         self._version = state.version
+
+    def reload_weights(self, folder: str | Path) -> int:
+        """Reload all weights (backbone and memory) from a `save_for_vllm` folder into the running
+        engine, in place; returns the bytes read. The memory version is unchanged: this is the
+        full-weight sync that `load_memory` avoids (benchmarks compare the two)."""
+        nbytes = self.llm.collective_rpc(SleepWorkerExtension.reload_sleep_weights.__name__,
+                                         args=(str(folder),))
+        self.llm.reset_prefix_cache()  # KV blocks were computed by the old weights
+        return int(nbytes[0])
 
     def memory_version(self) -> int:
         return self._version
@@ -93,11 +92,46 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop vLLM's engine processes and drop the scratch folder."""
         self.llm.llm_engine.engine_core.shutdown()
+        self._writer.close()
         shutil.rmtree(self._state_dir, ignore_errors=True)
 
     def _set_injection(self, on: bool, seed: int) -> None:
         self.llm.collective_rpc(SleepWorkerExtension.set_sleep_injection.__name__, args=(on, seed))
         self.llm.reset_prefix_cache()  # KV computed in the other mode must not be reused
+
+
+def publish_memory(writer: PackedStateWriter, state: MemoryState, collective_rpc) -> None:
+    """Write `state` packed (one safetensors tensor, index in its metadata; `engines/packed.py`)
+    through `writer` and have every worker copy it into its memory in place. Raises unless every
+    worker reports `state.version`. `collective_rpc` is the engine's (`LLM.collective_rpc`)."""
+    path = writer.write(state.tensors, packed_meta(state))
+    versions = collective_rpc(SleepWorkerExtension.load_sleep_memory.__name__, args=(str(path),))
+    check_worker_versions(versions, state.version)
+
+
+def check_worker_versions(versions: list, version: int) -> None:
+    if any(v != version for v in versions):
+        raise RuntimeError(f"workers report memory versions {versions}, expected v{version}")
+
+
+def engine_settings(model_dir: str | Path, *, max_model_len: int, kv_cache_gib: float,
+                    enforce_eager: bool, seed: int, dtype: str | None, max_num_seqs: int,
+                    gpu_memory_utilization: float) -> tuple[int, dict]:
+    """(the checkpoint's memory version, vLLM engine arguments) for a `save_for_vllm` folder:
+    the settings `VLLMEngine` and the serving `AsyncVLLMEngine` share, so both sample alike."""
+    register()  # this process; vLLM's own processes load the plugin by entry point
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if CONFIG_KEY not in config:
+        raise ValueError(f"{model_dir}: config.json has no {CONFIG_KEY!r}; save the model "
+                         "with save_for_vllm")
+    _check_head_dim(config)
+    version = int(config[CONFIG_KEY].get("version", 0))
+    return version, dict(
+        model=str(model_dir), tokenizer=str(model_dir), dtype=dtype or _checkpoint_dtype(config),
+        max_model_len=max_model_len, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        enforce_eager=enforce_eager, seed=seed, max_num_seqs=max_num_seqs,
+        gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
+        worker_extension_cls=_WORKER_EXTENSION)
 
 
 def _request_seed(seed: int, i: int) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ ENGINE_OVERRIDES = ["model.pretrain_steps=0", "model.head_dim=32",
                     "memory.capacity=[1, 3, 2]", "memory.top_k=[1, 1, 1]"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine_cfg():
     from sleep_ray.config import load_config
 
@@ -54,3 +57,22 @@ def prompts(engine_cfg):
     from sleep_ray.model.build import build_tokenizer
 
     return make_prompts(build_tokenizer(engine_cfg.model))
+
+
+@pytest.fixture(scope="package")
+def rig(engine_cfg, tmp_path_factory):
+    """One vLLM engine for every test of this package (a start costs ~16-50 s on two cores),
+    beside an HF engine on the same model; tests reset the memory they rely on themselves."""
+    pytest.importorskip("vllm")
+    from sleep_ray.engines.hf import HFEngine
+    from sleep_ray.engines.vllm import VLLMEngine
+    from sleep_ray.engines.vllm_checkpoint import save_for_vllm
+    from sleep_ray.model.build import build_model
+    from sleep_ray.model.state import export_memory_state
+
+    model, tok = build_model(engine_cfg)
+    folder = save_for_vllm(model, tok, engine_cfg, tmp_path_factory.mktemp("vllm_model"))
+    engine = VLLMEngine(folder, max_model_len=256, kv_cache_gib=1, max_num_seqs=8)
+    yield SimpleNamespace(model=model, hf=HFEngine(model, tok), vllm=engine,
+                          initial=export_memory_state(model, 0), versions=itertools.count(1))
+    engine.close()

@@ -1,37 +1,24 @@
 """vLLM against HF on one tiny Qwen3 with memory: greedy parity, in-place memory loads, dreams.
 
-One vLLM engine serves the whole module (starting one costs ~16-50 s on two cores). Every test
+One vLLM engine (the `rig` fixture of conftest.py) serves the whole package (starting one costs
+~16-50 s on two cores). Every test
 first puts the shared HF model back to its initial memory and syncs both engines at a fresh
 version, so the tests do not depend on their order.
 """
 
 from __future__ import annotations
 
-import itertools
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("vllm")
 
 from sleep_ray.engines.base import MemoryVersionError, RolloutEngine  # noqa: E402
-from sleep_ray.engines.hf import HFEngine  # noqa: E402
 from sleep_ray.engines.vllm import VLLMEngine  # noqa: E402
 from sleep_ray.engines.vllm_checkpoint import save_for_vllm  # noqa: E402
 from sleep_ray.model.build import build_model  # noqa: E402
 from sleep_ray.model.state import export_memory_state, load_memory_state  # noqa: E402
 
 GREEDY = dict(max_new_tokens=16, temperature=1.0, seed=0, greedy=True)
-
-
-@pytest.fixture(scope="module")
-def rig(engine_cfg, tmp_path_factory):
-    model, tok = build_model(engine_cfg)
-    folder = save_for_vllm(model, tok, engine_cfg, tmp_path_factory.mktemp("vllm_model"))
-    engine = VLLMEngine(folder, max_model_len=256, kv_cache_gib=1, max_num_seqs=8)
-    yield SimpleNamespace(model=model, hf=HFEngine(model, tok), vllm=engine,
-                          initial=export_memory_state(model, 0), versions=itertools.count(1))
-    engine.close()
 
 
 def _restart_memory(rig) -> None:

@@ -1,8 +1,16 @@
 """The OpenAI-compatible Serve app over one tiny run folder: one deployment for the module
-(starting its vLLM engine costs ~30 s on two cores), driven with the official `openai` client."""
+(starting its vLLM engine costs ~30 s on two cores), driven with the official `openai` client.
+
+The tests run in file order on the one deployment: answers and streams, bad requests, 200
+concurrent requests (benchmarks/serve_load.py), a hot reload under traffic, and last the replica
+kill (Serve replaces the replica; requests in flight on the killed one may fail, and the test's
+client retries until the new replica answers)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +27,10 @@ from sleep_ray.model.memory import activate_expert, expert_parameters
 from sleep_ray.model.state import export_memory_state, save_memory_state
 from sleep_ray.sleep.pretrain import build_sleep_model
 
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key"
 MODEL = "sleep-ray"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,8 @@ def server(ray_session, tmp_path_factory, free_port):
     from sleep_ray.serve import start
 
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(Path(__file__).resolve().parents[2] / "jobs/configs/tiny.yaml", ["model.pretrain_steps=0", "run.engine=local",
-                                                 "rollout.backend=vllm"])
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", ["model.pretrain_steps=0", "run.engine=local",
+                                                       "rollout.backend=vllm"])
     model, _ = build_sleep_model(cfg)
     save_config(cfg, run_dir / "config.yaml")
     save_memory_state(export_memory_state(model, 1), run_dir / "memory.safetensors")
@@ -53,15 +63,26 @@ def test_models_reports_the_memory_version(server):
 
 
 def test_completion_and_its_stream_agree(server):
-    done = server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=8,
-                                            temperature=0)
-    assert done.choices[0].finish_reason in ("length", "stop")
-    assert done.usage.completion_tokens >= 1
-    chunks = list(server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=8,
-                                                   temperature=0, stream=True))
-    assert len(chunks) >= 2
-    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
-    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, seed=7)):
+        done = server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=12,
+                                                **kwargs)
+        assert done.choices[0].finish_reason in ("length", "stop")
+        assert done.usage.completion_tokens >= 1
+        chunks = list(server.client.completions.create(model=MODEL, prompt="hello world",
+                                                       max_tokens=12, stream=True, **kwargs))
+        assert len(chunks) >= 3  # incremental: pieces of text, not one block
+        assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+        assert {c.system_fingerprint for c in chunks} == {done.system_fingerprint}
+
+
+def test_a_stream_can_end_with_its_usage(server):
+    done = server.client.completions.create(model=MODEL, prompt="hello", max_tokens=5, temperature=0)
+    chunks = list(server.client.completions.create(model=MODEL, prompt="hello", max_tokens=5,
+                                                   temperature=0, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_chat_and_its_stream_agree(server):
@@ -69,54 +90,173 @@ def test_chat_and_its_stream_agree(server):
     done = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
                                                  temperature=0)
     assert done.choices[0].message.role == "assistant"
-    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
-                                                   temperature=0, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in stream)
-    assert text == done.choices[0].message.content
+    stream = list(server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                        temperature=0, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == done.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
 
-@pytest.mark.parametrize("kwargs, status", [
-    (dict(model=MODEL, prompt="hi", max_tokens=0), 400),
-    (dict(model=MODEL, prompt="hi", max_tokens=10**6), 400),
-    (dict(model="no-such-model", prompt="hi", max_tokens=2), 404),
+def test_concurrent_requests_match_their_solo_answers(server):
+    """Batched with others, a seeded request samples what it samples alone."""
+    def ask(i: int) -> str:
+        return server.client.completions.create(model=MODEL, prompt=f"q{i}", max_tokens=8, seed=i,
+                                                temperature=1.0).choices[0].text
+
+    solo = [ask(i) for i in range(4)]
+    together: list[str | None] = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == solo
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(model=MODEL, prompt="hi", max_tokens=0), 400, "max_tokens"),
+    (dict(model=MODEL, prompt="hi", max_tokens=10**6), 400, "max_tokens"),
+    (dict(model=MODEL, prompt="hi", max_tokens=2, temperature=2.5), 400, "temperature"),
+    (dict(model=MODEL, prompt="hi", max_tokens=2, temperature=-1), 400, "temperature"),
+    (dict(model=MODEL, prompt="hi", max_tokens=2, n=2), 400, "n"),
+    (dict(model=MODEL, prompt=3, max_tokens=2), 400, "prompt"),
+    (dict(model="no-such-model", prompt="hi", max_tokens=2), 404, "model"),
 ])
-def test_bad_requests_get_openai_errors(server, kwargs, status):
+def test_bad_requests_get_openai_errors(server, kwargs, status, param):
     with pytest.raises(openai.APIStatusError) as e:
         server.client.completions.create(**kwargs)
     assert e.value.status_code == status
     err = e.value.response.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
 
 
-def test_missing_prompt_is_a_400(server):
-    r = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "max_tokens": 2},
-                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"model": MODEL, "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": "hi"}, "model"),
+    ("/v1/chat/completions", {"model": MODEL}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 1}]}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 0}, "max_completion_tokens"),
+])
+def test_missing_or_mistyped_fields_are_400(server, path, body, param):
+    r = httpx.post(f"{server.base}{path}", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 400
-    assert r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_non_json_body_is_400(server):
+    r = httpx.post(f"{server.base}/v1/completions", content=b"{prompt: hi", timeout=60,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_json"
 
 
 def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as e:
-        bad.models.list()
-    assert e.value.status_code == 401
-    assert e.value.response.json()["error"]["code"] == "invalid_api_key"
+    for call in (bad.models.list, lambda: bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)):
+        with pytest.raises(openai.AuthenticationError) as e:
+            call()
+        assert e.value.status_code == 401
+        assert e.value.response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_hot_reload_picks_up_a_newer_memory(server):
-    torch.manual_seed(0)
-    slot = activate_expert(server.model, 2)
-    with torch.no_grad():
-        for _, p in expert_parameters(server.model, 2, slot):
-            p.normal_(0, 0.5)
-    save_memory_state(export_memory_state(server.model, 2), server.run_dir / "memory.safetensors")
-    headers = {"Authorization": f"Bearer {KEY}"}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if httpx.get(f"{server.base}/v1/sleep/version", headers=headers, timeout=30).json()["version"] == 2:
-            break
-        time.sleep(0.5)
-    assert httpx.get(f"{server.base}/v1/sleep/version", headers=headers, timeout=30).json()["version"] == 2
-    after = server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=4,
-                                             temperature=0)
-    assert after.system_fingerprint == "memory-v2"
+def test_200_concurrent_requests_finish_without_errors(server):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/serve_load.py"), "--url",
+                          f"{server.base}/v1", "--api-key", KEY, "--concurrency", "200",
+                          "--requests", "200", "--max-tokens", "4", "--stream"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "requests=200 errors=0 completions=200 " in out.stdout, out.stdout
+
+
+def _stream_fingerprints(server, seed: int) -> set[str]:
+    chunks = list(server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=16,
+                                                   seed=seed, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    return {c.system_fingerprint for c in chunks}
+
+
+def test_hot_reload_under_traffic_drops_nothing(server):
+    """Streams run back to back while a newer memory is written: every one completes, and each
+    was produced by one memory (its chunks share one fingerprint)."""
+    seen: list[set[str]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic():
+        seed = 0
+        while not stop.is_set():
+            seed += 1
+            try:
+                seen.append(_stream_fingerprints(server, seed))
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not seen and not errors:  # traffic under v1 first
+            time.sleep(0.05)
+        torch.manual_seed(0)
+        slot = activate_expert(server.model, 2)
+        with torch.no_grad():
+            for _, p in expert_parameters(server.model, 2, slot):
+                p.normal_(0, 0.5)
+        save_memory_state(export_memory_state(server.model, 2), server.run_dir / "memory.safetensors")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(s == {"memory-v2"} for s in seen):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert not errors, errors[:3]
+    assert {"memory-v1"} in seen and {"memory-v2"} in seen
+    assert all(len(s) == 1 for s in seen)
+    version = httpx.get(f"{server.base}/v1/sleep/version", headers=AUTH, timeout=30).json()
+    assert version["version"] == 2 and version["source"].endswith("memory.safetensors")
+    assert server.client.models.list().data[0].model_extra["memory_version"] == 2
+
+
+def _replicas() -> list[str]:
+    import ray
+
+    from sleep_ray.serve import APP_NAME, DEPLOYMENT_NAME
+
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
+
+
+def test_a_killed_replica_is_replaced(server):
+    import ray
+
+    before = _replicas()
+    assert len(before) == 1
+    in_flight = []  # outcomes of requests sent around the kill: they may fail
+
+    def ask():
+        try:
+            in_flight.append(server.client.completions.create(model=MODEL, prompt="hi", max_tokens=8))
+        except openai.OpenAIError as e:
+            in_flight.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=False)
+    for t in threads:
+        t.join()
+    assert len(in_flight) == 4
+    answer, deadline = None, time.monotonic() + 180
+    while answer is None and time.monotonic() < deadline:  # the client's retry loop
+        try:
+            answer = server.client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        except (openai.APIStatusError, openai.APIConnectionError, openai.APITimeoutError):
+            time.sleep(1)
+    assert answer is not None and answer.choices[0].finish_reason in ("length", "stop")
+    after = _replicas()
+    assert len(after) == 1 and after != before
+    # the new replica starts from the run's newest memory
+    assert answer.system_fingerprint == "memory-v2"
