@@ -526,7 +526,7 @@ def ray_run(quick: bool, workdir: Path) -> dict:
 
     from sleep_ray.actors.telemetry import peak_rss_bytes, reset_peak_rss
     from sleep_ray.driver import init_ray
-    from sleep_ray.model.footprint import footprint, qwen3_8b_config
+    from sleep_ray.bench.systems_rollout import qwen3_8b_footprint
 
     sizes = Sizes.of(quick)
     cfg = tiny_config(quick, [f"data.num_tasks={sizes.num_tasks}", "run.engine=ray",
@@ -546,7 +546,7 @@ def ray_run(quick: bool, workdir: Path) -> dict:
             driver.run()
             loop_s = time.perf_counter() - t0
         tel = driver.telemetry()
-        state_8b = footprint(qwen3_8b_config(), cfg.memory).memory_state_bytes
+        state_8b = qwen3_8b_footprint()[1].memory_state_bytes  # the bytes row's 8B state
         bandwidth = _object_store_bandwidth(state_8b)
         return {"cfg": cfg, "phase_seconds": dict(driver.record.phase_seconds), "telemetry": tel,
                 "start_s": start_s, "loop_s": loop_s, "cycles": driver.record.cycles,

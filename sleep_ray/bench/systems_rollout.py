@@ -17,10 +17,12 @@ What bounds the ratios on the 2-core CPU machine (py-spy on vLLM's worker, 2026-
 tiny model a decode step is vLLM's scheduler and runner Python (~7 ms; the worker waits on the
 engine core ~60% of the time, the same with the engine core in-process), slower than HF's ~5 ms
 step on one thread; for the ~100M model both backends are matmul-bound (64% of vLLM's worker in
-oneDNN gemm, 12% in the memory hook). A ~100M publish (~40 ms) is mostly per-tensor file work:
-~13 ms writing the 8 MiB state (~500 small tensors), ~12 ms `load_file` in the worker, ~4 ms RPC;
-the 406 MiB reload (~0.3-0.4 s) reads from the page cache at memory speed. A packed one-buffer
-state (or shared memory) is the fix left open; the bytes row (Qwen3-8B) meets its goal.
+oneDNN gemm, 12% in the memory hook). A ~100M publish was ~40 ms of per-tensor file work
+(~13 ms writing the 8 MiB state as ~500 small tensors, ~12 ms `load_file` in the worker, ~4 ms
+RPC); since the state goes packed into one buffer overwritten in place (`engines/packed.py`) and
+lands in one flat copy per dtype, it is ~10 ms, of which the RPC round trip to vLLM's worker
+is ~1.3 ms even for a no-op. The 406 MiB reload (~0.3 s) reads from the page cache at memory
+speed; a real full-weight sync moves the bytes over a network, which the bytes row counts.
 """
 
 from __future__ import annotations
@@ -253,21 +255,27 @@ def publish_time_row(label: str, cfg: SleepConfig, reps: int, workdir: Path) -> 
         baseline_label="VLLMEngine.reload_weights (all safetensors)", baseline=m["reload_s"],
         ours_label="VLLMEngine.load_memory (one MemoryState)", ours=m["publish_s"], unit="s",
         ratio=m["reload_s"] / m["publish_s"], goal=20.0,
-        limits=("the reload reads the checkpoint from the page cache (a real sync reads disk or "
-                "network); the publish writes and reads a file and makes an RPC, fixed costs that "
-                "a state of ~2% of the model does not amortize"),
+        limits=("the reload reads the checkpoint from the page cache (a real sync moves it over "
+                "a network); the publish is a packed write, an RPC (~1.3 ms round trip) and one "
+                "copy per dtype, fixed costs that a state of ~2% of the model does not amortize"),
         details=dict(params=total, reps=reps, reload_seconds=m["reload_samples"],
                      publish_seconds=m["publish_samples"], reload_bytes=m["reload_bytes"],
                      memory_state_file_bytes=state_bytes, final_version=m["version"]))
 
 
-def publish_bytes_row() -> Row:
-    """Bytes of one published memory state vs the whole model, Qwen3-8B's shape in bfloat16,
-    with the memory of `jobs/configs/qwen3_8b.yaml`."""
+def qwen3_8b_footprint():
+    """(memory config, `Footprint`) of Qwen3-8B's shape in bfloat16 with the memory of
+    `jobs/configs/qwen3_8b.yaml`: the 8B numbers every row quotes."""
     from sleep_ray.model.footprint import footprint, qwen3_8b_config
 
     memory = load_config(str(QWEN3_8B_CONFIG)).memory
-    f = footprint(qwen3_8b_config(), memory, torch.bfloat16)
+    return memory, footprint(qwen3_8b_config(), memory, torch.bfloat16)
+
+
+def publish_bytes_row() -> Row:
+    """Bytes of one published memory state vs the whole model, Qwen3-8B's shape in bfloat16,
+    with the memory of `jobs/configs/qwen3_8b.yaml`."""
+    memory, f = qwen3_8b_footprint()
     return Row(
         name="publish one memory version vs full-weight reload, bytes (Qwen3-8B shape, bf16)",
         baseline_label="all weights (backbone + memory)", baseline=float(f.model_bytes),
