@@ -37,7 +37,7 @@ from sleep_ray.data.collate import collate_pairs
 from sleep_ray.eval.evaluate import completion_nll
 from sleep_ray.model import memory as M
 from sleep_ray.sleep.generation import sample
-from sleep_ray.sleep.seeding import finite_step
+from sleep_ray.sleep.seeding import step_if_finite
 from sleep_ray.types import Example
 
 DREAMER = "dreamer"
@@ -128,12 +128,7 @@ def sft_steps(model: nn.Module, params: list[nn.Parameter], pairs: Sequence[tupl
     for _ in range(steps):
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      labels=batch.labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if finite_step(loss, params):
-            opt.step()
-        else:
-            skipped += 1
+        skipped += not step_if_finite(opt, loss, params)
     model.eval()
     return loss.item(), skipped
 

@@ -108,6 +108,17 @@ def finite_step(loss: torch.Tensor, params: list[nn.Parameter]) -> bool:
     return False
 
 
+def step_if_finite(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter]) -> bool:
+    """Backward `loss` and take `opt`'s step when loss and gradients are finite; False (nothing
+    changed: no parameter, no optimizer state) when the step was skipped."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if not finite_step(loss, params):
+        return False
+    opt.step()
+    return True
+
+
 def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
                 data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
                 generator: torch.Generator, seed: int, batch_size: int = 8) -> dict[str, float]:
@@ -144,12 +155,7 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
             if pg is not None:
                 loss, mix_stats = lti_objective(div, pg, cfg.alpha)
                 stats |= lti_stats | mix_stats
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if finite_step(loss, params):
-            opt.step()
-        else:
-            skipped += 1
+        skipped += not step_if_finite(opt, loss, params)
         first_div = stats["seed/loss"] if first_div is None else first_div
     stats["seed/first_loss"] = first_div if first_div is not None else float("nan")
     stats["seed/nonfinite_steps"] = float(skipped)
