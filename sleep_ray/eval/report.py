@@ -26,6 +26,13 @@ class MethodResult:
     seconds: float
 
 
+def top_level_seconds(phase_seconds: dict[str, float]) -> float:
+    """Wall seconds of a run: its phases summed, without the sub-phases ("dream/lora") of a phase
+    that is itself timed ("dream"), which would count the same seconds twice."""
+    return sum(v for k, v in phase_seconds.items()
+               if "/" not in k or k.split("/")[0] not in phase_seconds)
+
+
 def results_table(results: Sequence[MethodResult], single: Sequence[float] | None) -> pd.DataFrame:
     rows = []
     for r in results:
@@ -217,7 +224,7 @@ def run_report_markdown(summary: Mapping, task_names: Sequence[str], plots: Sequ
         lines.append(markdown(pd.DataFrame(rows, columns=cols)))
     else:
         lines.append("No task was evaluated.")
-    total = sum(summary.get("phase_seconds", {}).values()) or 1.0
+    total = top_level_seconds(summary.get("phase_seconds", {})) or 1.0
     phases = pd.DataFrame([{"phase": k, "seconds": float(v), "share": f"{100 * v / total:.0f}%"}
                            for k, v in sorted(summary.get("phase_seconds", {}).items(), key=lambda kv: -kv[1])])
     lines += ["", "## Seconds per phase", "", markdown(phases) if len(phases) else "none", ""]

@@ -48,3 +48,12 @@ def test_write_run_report_writes_report_and_plots(tmp_path, assert_png):
     for name in ("accuracy_matrix.png", "task_scores.png", "phase_seconds.png"):
         assert_png(tmp_path / "plots" / name)
         assert f"(plots/{name})" in path.read_text()
+
+
+def test_phase_shares_count_a_timed_phase_once_not_again_through_its_sub_phases():
+    from sleep_ray.eval.report import top_level_seconds
+
+    # dream (3 s) holds dream/lora (2 s) and dream/learn (1 s); wake 1 s; a sub-phase whose parent
+    # is not timed ("sync/x") counts on its own: 3 + 1 + 0.5 = 4.5.
+    seconds = {"wake": 1.0, "dream": 3.0, "dream/lora": 2.0, "dream/learn": 1.0, "sync/x": 0.5}
+    assert top_level_seconds(seconds) == 4.5
