@@ -92,7 +92,8 @@ def check_cycle(emit) -> None:
 def check_importance(emit) -> None:
     import torch
 
-    from sleep_ray.algo.importance import per_sample_grad_norms, per_sample_grad_norms_loop
+    from sleep_ray.algo.importance import (expert_grad_norms, per_sample_grad_norms,
+                                           per_sample_grad_norms_loop)
     from sleep_ray.config import load_config
     from sleep_ray.model import memory as M
     from sleep_ray.model.build import build_model
@@ -107,7 +108,9 @@ def check_importance(emit) -> None:
     ids = torch.randint(0, len(tok), (32, 64), device=DEV)
     labels = ids.clone()
     out = {}
-    for name, fn in (("batched", per_sample_grad_norms), ("loop", per_sample_grad_norms_loop)):
+    # expert: what the dream phase runs (one batched backward); vmap: torch.func; loop: reference
+    for name, fn in (("expert", expert_grad_norms), ("batched", per_sample_grad_norms),
+                     ("loop", per_sample_grad_norms_loop)):
         fn(model, params, ids[:4], labels[:4])  # warm-up
         _sync()
         t0 = time.perf_counter()
@@ -117,7 +120,10 @@ def check_importance(emit) -> None:
         out[name] = (time.perf_counter() - t0) / 3
         out[f"{name}_norms"] = norms[:3].tolist()
     emit({"check": "importance_on_cuda", "dreams": 32, "tokens": 64, "seconds": out,
-          "loop_over_batched": out["loop"] / out["batched"]})
+          "loop_over_batched": out["loop"] / out["batched"],
+          "loop_over_expert": out["loop"] / out["expert"],
+          "expert_norms_equal_loop": torch.allclose(torch.tensor(out["expert_norms"]),
+                                                    torch.tensor(out["loop_norms"]), rtol=1e-3)})
 
 
 def _wake(worker_or_learner, s, steps):
