@@ -14,6 +14,7 @@ import pytest
 
 from sleep_ray.actors.telemetry import compute_timed, peak_rss_bytes, reset_peak_rss, telemetry
 from sleep_ray.bench import systems as S
+from sleep_ray.bench import systems_driver as D
 
 
 class _Worker:
@@ -70,21 +71,21 @@ def test_overhead_arithmetic_by_hand():
              "consolidate_2_to_3": 2.0, "dream": 10.0, "dream/generate": 3.0,
              "dream/importance": 2.0, "dream/lora": 1.0, "dream/learn": 1.0, "dream/sync": 0.5,
              "evaluate": 1.0}
-    wall = S.driver_wall(phase)
+    wall = D.driver_wall(phase)
     assert wall["consolidate"] == 6.0 and wall["dream/other"] == pytest.approx(2.5)
     # Two scorers: the pool's time is the slower one's (3 s), not the sum.
     tel = {"learner": [{"compute_seconds": {"wake_step": 4.5, "consolidate": 5.0, "dream_context": 0.5},
                         "calls": {"wake_step": 10, "consolidate": 2, "dream_context": 1}}],
            "rollout": [], "scorer": [{"compute_seconds": {"importance": 1.0}, "calls": {"importance": 1}},
                                      {"compute_seconds": {"importance": 1.5}, "calls": {"importance": 1}}]}
-    compute, calls = S.actor_compute(tel)
+    compute, calls = D.actor_compute(tel)
     assert compute == {"wake": 4.5, "consolidate": 5.0, "dream/other": 0.5, "dream/importance": 1.5}
-    bd = S.overhead_breakdown(wall, compute, calls)
+    bd = D.overhead_breakdown(wall, compute, calls)
     assert bd["wake"]["overhead_s"] == pytest.approx(0.5) and bd["wake"]["calls"] == 10
     assert bd["dream/importance"]["overhead_s"] == pytest.approx(0.5)
     assert bd["dream/generate"]["overhead_s"] == 3.0  # no actor time recorded: all overhead
     # cycle wall 5+0.5+1.5+6+3+2+1+1+2.5 = 22.5; actor 4.5+5+0.5+1.5 = 11.5; overhead 11/22.5
-    assert S.overhead_fraction(bd, S.CYCLE_PHASES) == pytest.approx(11.0 / 22.5)
+    assert D.overhead_fraction(bd, D.CYCLE_PHASES) == pytest.approx(11.0 / 22.5)
 
 
 def test_run_systems_quick(tmp_path):
@@ -104,6 +105,6 @@ def test_run_systems_quick(tmp_path):
     by_index = {r["index"]: r for r in report["rows"]}
     assert by_index[3]["details"]["config_m"]["max_abs_diff"] < 1e-5  # batched == loop norms
     assert by_index[4]["ours"] > 0 and by_index[4]["baseline"] > 0
-    assert set(by_index[5]["details"]["breakdown"]) >= set(S.CYCLE_PHASES)
+    assert set(by_index[5]["details"]["breakdown"]) >= set(D.CYCLE_PHASES)
     assert 0 <= by_index[5]["ours"] <= 1
     assert set(by_index[6]["details"]["peak_rss_mib"]) == {"learner", "rollout", "scorer", "driver"}

@@ -1,0 +1,296 @@
+"""Rows 3 and 4 of the systems benchmark: dream importance (batched vs one backward per dream)
+and knowledge seeding (ours vs TRL's `GKDTrainer`), on the tiny default model.
+
+Both run in this process on one torch thread, each pair on the same model and inputs;
+`bench/systems.py` gathers the rows into the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from unittest import mock
+
+import torch
+
+from sleep_ray.bench.rows import Row, median_seconds
+from sleep_ray.bench.systems_common import Sizes, tiny_config
+from sleep_ray.config import SleepConfig
+
+
+# ====================================================================== row 3: importance
+
+
+def _dream_setup(cfg: SleepConfig, num_dreams: int):
+    """(model, pad id, dreams, newest expert): the tiny default with its dreamer adapter and a
+    freshly consolidated level-2 expert, and m dreams sampled as the dream phase samples them."""
+    from sleep_ray.data import stream_from_config
+    from sleep_ray.model import memory as M
+    from sleep_ray.sleep import dreaming
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
+    model, tok = build_sleep_model(cfg)
+    model.eval()
+    dreaming.add_dreamer(model, cfg.dreaming, cfg.run.seed)
+    expert = (2, M.activate_expert(model, 2))
+    task = stream_from_config(cfg.data, cfg.run.seed).tasks[0]
+    context = dreaming.dream_context(tok, task.train[:cfg.dreaming.context_examples],
+                                     cfg.data.max_length // 2)
+    d = replace(cfg.dreaming, num_dreams=num_dreams)
+    dreams = dreaming.generate_dreams(model, tok, context, d, cfg.run.seed)
+    return model, tok.pad_token_id, dreams, expert
+
+
+def _importance_pair(cfg: SleepConfig, num_dreams: int, reps: int) -> dict:
+    """Median seconds of the batched and the loop scoring of the same m dreams; max |diff|."""
+    from sleep_ray.algo.importance import per_sample_grad_norms, per_sample_grad_norms_loop
+    from sleep_ray.model import memory as M
+    from sleep_ray.sleep import dreaming
+
+    model, pad, dreams, expert = _dream_setup(cfg, num_dreams)
+    batch = dreaming._dream_batch(dreams, pad)
+    params = {n: p.detach() for n, p in M.expert_parameters(model, *expert)}
+    # What the dream phase runs (expert-structure per-sample gradients), the generic torch.func
+    # path it replaced, and the reference loop, on the same dreams.
+    batched = lambda: dreaming.dream_importance(model, dreams, expert, pad)  # noqa: E731
+    vmapped = lambda: per_sample_grad_norms(model, params, batch.input_ids, batch.labels)  # noqa: E731
+    loop = lambda: per_sample_grad_norms_loop(model, params, batch.input_ids, batch.labels)  # noqa: E731
+    a, v, b = batched(), vmapped(), loop()
+    for name, x in (("batched", a), ("vmap", v)):
+        if not torch.allclose(x, b, rtol=1e-4, atol=1e-6):
+            raise AssertionError(f"{name} and loop norms differ: max |diff| {(x - b).abs().max():.3g}")
+    t_batched, s_batched = median_seconds(batched, reps)
+    t_vmap, s_vmap = median_seconds(vmapped, reps)
+    t_loop, s_loop = median_seconds(loop, reps)
+    return {"m": len(dreams), "tokens": list(batch.input_ids.shape), "batched_s": t_batched,
+            "vmap_s": t_vmap, "loop_s": t_loop, "speedup": t_loop / t_batched,
+            "vmap_speedup": t_loop / t_vmap, "max_abs_diff": float((a - b).abs().max()),
+            "samples_batched": s_batched, "samples_vmap": s_vmap, "samples_loop": s_loop,
+            "_profile": (model, batched)}
+
+
+def _top_ops(fn: Callable[[], object], k: int = 4) -> list[str]:
+    """The k ops with the most self CPU time in one call of `fn` (torch profiler)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
+    return [f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ms x{e.count}" for e in ops]
+
+
+def importance_rows(quick: bool) -> list[Row]:
+    """Row 3 at the config's m (dreaming.num_dreams), and m = 4x that as a detail."""
+    sizes, cfg = Sizes.of(quick), tiny_config(quick)
+    with _threads(1):
+        main = _importance_pair(cfg, cfg.dreaming.num_dreams, sizes.reps)
+        _, fn = main.pop("_profile")
+        big = {} if quick else _importance_pair(cfg, 4 * cfg.dreaming.num_dreams, sizes.reps)
+        big.pop("_profile", None)
+        profile = _top_ops(fn) if sizes.profile else []
+    notes = [f"m={main['m']} dreams, batch {main['tokens']} tokens, newest expert only; "
+             f"norms equal (max |diff| {main['max_abs_diff']:.1e})",
+             f"torch.func vmap(grad) on the same dreams: {main['vmap_s'] * 1e3:.1f} ms = "
+             f"{main['vmap_speedup']:.1f}x the loop"]
+    if big:
+        notes.append(f"m={big['m']}: batched {big['batched_s'] * 1e3:.1f} ms, vmap "
+                     f"{big['vmap_s'] * 1e3:.1f} ms, loop {big['loop_s'] * 1e3:.1f} ms = "
+                     f"{big['speedup']:.1f}x")
+    if profile:
+        notes.append("torch profiler, batched pass, top self-CPU ops: " + "; ".join(profile))
+    limits = (f"the batched pass costs one forward + backward of the m={main['m']} dreams, the loop "
+              "m small ones; on a 64-wide model every op takes microseconds, so a batch of 8 "
+              "costs far more than 1/8 of 8 passes (per-op dispatch; m x4 below); 1 torch thread")
+    return [Row(name="importance: batched per-sample grads vs backward per dream (tiny)",
+                baseline_label="loop: one backward per dream", baseline=main["loop_s"],
+                ours_label="one batched backward (dream_importance)", ours=main["batched_s"], unit="s",
+                ratio=main["speedup"], goal=5.0, limits=limits,
+                details={"reps": sizes.reps, "config_m": main, "m_x4": big, "notes": notes})]
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Torch threads for a timed section (the actors run with 1: Ray sets OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ====================================================================== row 4: seeding vs TRL
+
+
+def _seeding_setup(cfg: SleepConfig):
+    """(learner, D, route keys): the tiny default after one task's wake steps, D = its teacher
+    samples, as a consolidation 1 -> 2 sees them."""
+    from sleep_ray.data import stream_from_config
+    from sleep_ray.sleep.learner import Learner
+    from sleep_ray.sleep.loop import task_batches
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
+    model, tok = build_sleep_model(cfg)
+    learner = Learner(cfg, model, tok)
+    task = stream_from_config(cfg.data, cfg.run.seed).tasks[0]
+    for batch in task_batches(task, cfg.data.batch_size, cfg.run.seed, 0):
+        learner.wake_step(batch)
+    learner.apply_updates([1])
+    data = learner.teacher_samples(cfg.run.seed)
+    return learner, data, learner.route_keys(data)
+
+
+def _student(learner, keys) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """A copy of the model with one new level-2 expert; only that expert trains."""
+    from sleep_ray.model import memory as M
+
+    model = copy.deepcopy(learner.model)
+    slot = M.activate_expert(model, 2, keys)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, M.set_trainable(model, 2, slot)
+
+
+def _ours_tokens_per_s(learner, data, keys, scfg, batch_size: int) -> tuple[float, int, float]:
+    """One `seed_expert` run: (completion tokens trained per second, tokens, share of the time
+    spent sampling the student's on-policy completions)."""
+    from sleep_ray.model.state import export_memory_state
+    from sleep_ray.sleep import seeding
+
+    teacher = export_memory_state(learner.model, 0)
+    model, params = _student(learner, keys)
+    model.train()
+    counted = [0]
+    jsd = seeding.per_sequence_jsd
+
+    def counting_jsd(student, teacher_logits, mask, **kw):
+        counted[0] += int(mask.sum())  # completion tokens this divergence trains on
+        return jsd(student, teacher_logits, mask, **kw)
+
+    sampling = [0.0]
+    sample = seeding.sample
+
+    def timed_sample(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return sample(*args, **kw)
+        finally:
+            sampling[0] += time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(0)
+    with mock.patch.object(seeding, "per_sequence_jsd", counting_jsd), \
+            mock.patch.object(seeding, "sample", timed_sample):
+        t0 = time.perf_counter()
+        seeding.seed_expert(model, learner.tok, teacher, data, params, scfg, gen, seed=1,
+                            batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+    return counted[0] / seconds, counted[0], sampling[0] / seconds
+
+
+def _trl_tokens_per_s(learner, data, keys, scfg, batch_size: int, workdir: str
+                      ) -> tuple[float, int, float]:
+    """One `GKDTrainer.train()` on the same student/teacher/D/beta/lambda/steps/batch size:
+    (completion tokens trained per second, tokens, sampling share), timed from the first step's start to the
+    last step's end (trainer set-up excluded, as ours excludes the learner's)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class CountingGKD(GKDTrainer):
+        tokens, sampling = 0, 0.0
+
+        def generate_on_policy_outputs(self, model, inputs, generation_config):
+            t0 = time.perf_counter()
+            try:
+                return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+            finally:
+                CountingGKD.sampling += time.perf_counter() - t0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.tokens += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class StepClock(TrainerCallback):
+        first = last = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.first = self.first or time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+    tok = learner.tok
+    student, _ = _student(learner, keys)
+    teacher = copy.deepcopy(learner.model).eval()
+    rows = [{"prompt": list(p), "completion": list(c)} for p, c in data.pairs]
+    args = GKDConfig(output_dir=workdir, report_to=[], use_cpu=True, save_strategy="no",
+                     logging_strategy="no", disable_tqdm=True, max_steps=scfg.steps,
+                     per_device_train_batch_size=batch_size, learning_rate=scfg.lr,
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     beta=scfg.beta, lmbda=scfg.lam, temperature=scfg.temperature,
+                     max_new_tokens=scfg.max_new_tokens, seq_kd=False, seed=0,
+                     dataloader_num_workers=0, push_to_hub=False, bf16=False)
+    clock = StepClock()
+    random.seed(0)  # GKDTrainer draws on- vs off-policy per step with `random.random()`
+    trainer = CountingGKD(model=student, teacher_model=teacher, args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok,
+                          data_collator=_PairCollator(tok.pad_token_id), callbacks=[clock])
+    trainer.train()
+    seconds = clock.last - clock.first
+    return trainer.tokens / seconds, trainer.tokens, CountingGKD.sampling / seconds
+
+
+class _PairCollator:
+    """(prompt ids, completion ids) rows -> GKDTrainer's inputs: right-padded prompt+completion
+    with prompt and padding labelled -100, and the left-padded prompts it generates from."""
+
+    def __init__(self, pad_id: int):
+        self.pad = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        from sleep_ray.data.collate import collate_pairs, left_pad
+
+        batch = collate_pairs([(r["prompt"], r["completion"]) for r in rows], self.pad)
+        prompts, prompt_mask = left_pad([r["prompt"] for r in rows], self.pad)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "labels": batch.labels, "prompts": prompts, "prompt_attention_mask": prompt_mask}
+
+
+def seeding_rows(quick: bool) -> list[Row]:
+    """Row 4: knowledge seeding (LTI off: both optimize the same GKD objective) vs TRL."""
+    sizes, cfg = Sizes.of(quick), tiny_config(quick)
+    scfg = replace(cfg.seeding, lti=False, steps=sizes.seeding_steps)
+    bs = cfg.data.batch_size
+    ours, trl = [], []
+    with _threads(1), tempfile.TemporaryDirectory(prefix="sleep_ray_gkd_") as workdir:
+        learner, data, keys = _seeding_setup(cfg)
+        for _ in range(sizes.reps):  # interleaved, so that load on the shared cores hits both
+            ours.append(_ours_tokens_per_s(learner, data, keys, scfg, bs))
+            trl.append(_trl_tokens_per_s(learner, data, keys, scfg, bs, workdir))
+    ours_tps = statistics.median(t for t, _, _ in ours)
+    trl_tps = statistics.median(t for t, _, _ in trl)
+    share = lambda runs: statistics.median(f for _, _, f in runs)  # noqa: E731
+    notes = [f"|D|={len(data.pairs)} teacher samples, beta={scfg.beta}, lambda={scfg.lam}, "
+             f"{scfg.steps} steps, batch {bs}, T={scfg.temperature}, max_new_tokens="
+             f"{scfg.max_new_tokens}, LTI off; both train only the new level-2 expert (TRL's "
+             "student has every other parameter frozen), teacher = the model before expansion",
+             "ours: every step trains on an off-policy batch AND an on-policy batch mixed by lambda "
+             "(teacher = a memory swap of the same model); TRL: each step is on-policy with "
+             "probability lambda, else off-policy (teacher = a second model copy)",
+             f"tokens trained per run: ours {[n for _, n, _ in ours]}, TRL {[n for _, n, _ in trl]}",
+             f"time in on-policy sampling (HF generate): ours {share(ours):.0%}, TRL {share(trl):.0%}"]
+    return [Row(name="knowledge seeding tokens/s vs TRL GKDTrainer (tiny)",
+                baseline_label="TRL GKDTrainer", baseline=trl_tps, ours_label="seed_expert (LTI off)",
+                ours=ours_tps, unit="completion tok/s", ratio=ours_tps / trl_tps, goal=1.0,
+                limits=(f"HF generate of on-policy samples: {share(ours):.0%} of ours (a sample every "
+                        f"step), {share(trl):.0%} of TRL's (a sample on a lambda share of steps); "
+                        "the rest is the tiny model's per-op overhead"),
+                details={"reps": sizes.reps, "ours_tok_s": [t for t, _, _ in ours],
+                         "trl_tok_s": [t for t, _, _ in trl], "sampling_share_ours": share(ours),
+                         "sampling_share_trl": share(trl), "notes": notes})]
