@@ -48,7 +48,7 @@ from sleep_ray.data import stream_from_config
 from sleep_ray.model.state import list_checkpoints, write_checkpoint
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
-from sleep_ray.sleep.loop import RunRecord, task_batches, write_run
+from sleep_ray.sleep.loop import RunRecord, task_batches, task_heldout, write_run
 from sleep_ray.sleep.seeding import seeding_data
 from sleep_ray.tracking import MetricsLogger
 from sleep_ray.types import Task
@@ -181,14 +181,14 @@ class SleepDriver:
                               leave=False, disable=None)
         done = 0
         for epoch in range(epochs):
-            for batch in task_batches(task, bs, self.cfg.run.seed, epoch):
+            for i, batch in enumerate(task_batches(task, bs, self.cfg.run.seed, epoch)):
                 done += 1
                 if done <= self.position.batch:
                     continue  # learned before the checkpoint this run resumed from
                 if max_steps is not None and self.clock.step >= max_steps:
                     bar.close()
                     return False
-                stats = self.wake(batch)
+                stats = self.wake(batch, task_heldout(task, bs, epoch, i))
                 plan = self.clock.tick()
                 self.after_step(plan, task)
                 self.log({"step": plan.step, **stats})
@@ -228,9 +228,9 @@ class SleepDriver:
 
     # ------------------------------------------------------------------ phases
 
-    def wake(self, batch) -> dict[str, float]:
+    def wake(self, batch, heldout) -> dict[str, float]:
         with self.record.timed("wake"):
-            return self._learner_group(lambda w: w.wake_step.remote(batch))[0]
+            return self._learner_group(lambda w: w.wake_step.remote(batch, heldout))[0]
 
     def update(self, levels: list[int]) -> None:
         with self.record.timed("update"):
@@ -255,10 +255,11 @@ class SleepDriver:
         phase, seed, s = f"consolidate_{source}_to_{target}", self.cfg.run.seed, self.cfg.seeding
         self.publish()
         with self.record.timed(phase):
-            prompts = ray.get(self.learners[0].seeding_prompts.remote())
+            teacher_seed = phase_seed(seed, step, f"{phase}/teacher")
+            prompts = ray.get(self.learners[0].seeding_prompts.remote(source, teacher_seed))
             completions = ray.get(self._rollout().generate.remote(
-                prompts, s.max_new_tokens, s.temperature, phase_seed(seed, step, f"{phase}/teacher"),
-                state=self.state_ref))
+                prompts, s.max_new_tokens, s.temperature, teacher_seed,
+                state=self.state_ref)) if prompts else []
             data = seeding_data(prompts, completions)
             student = phase_seed(seed, step, f"{phase}/student")
             return self._learner_group(lambda w: w.consolidate.remote(source, target, data, student))[0]

@@ -38,7 +38,6 @@ import io
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import torch
 
@@ -108,11 +107,12 @@ class LearnerWorker:
     # ------------------------------------------------------------------ wake
 
     @compute_timed
-    def wake_step(self, examples: Sequence[Example]) -> dict[str, float]:
+    def wake_step(self, examples: Sequence[Example], heldout: Sequence[Example] = ()
+                  ) -> dict[str, float]:
         """Accumulate one batch into the wake levels (Eq. 2). Every worker gets the whole batch
         (its recent-examples buffer must match); with DeepSpeed each forwards only its slice."""
         if self.engine is None:
-            return self.learner.wake_step(examples)
+            return self.learner.wake_step(examples, heldout)
         L = self.learner
         L.model.train()
         M.freeze_memory(L.model)
@@ -126,7 +126,7 @@ class LearnerWorker:
         # The group's mean loss and the all-reduced gradients are the same on every worker, so
         # all of them skip a non-finite step together (a NaN in one slice reaches every worker).
         mean = torch.tensor(self._group_mean(loss.detach()), dtype=torch.float64)
-        return L.finish_wake_step(examples, mean)
+        return L.finish_wake_step(examples, mean, heldout)
 
     def _slice_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor) -> torch.Tensor:
@@ -160,8 +160,8 @@ class LearnerWorker:
     # ------------------------------------------------------------------ sleep
 
     @compute_timed
-    def seeding_prompts(self) -> list[list[int]]:
-        return self.learner.seeding_prompts()
+    def seeding_prompts(self, source: int, seed: int) -> list[list[int]]:
+        return self.learner.seeding_prompts(source, seed)
 
     @compute_timed
     def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
@@ -223,7 +223,6 @@ class LearnerWorker:
         generator and global RNG states, version, newest expert, recent examples, dreamer.
         Saved with torch.save and read back with `weights_only=True` (no arbitrary pickles)."""
         state = self.learner.state_dict()
-        state["recent"] = [asdict(e) for e in state["recent"]]
         blob = {"format": CHECKPOINT_FORMAT, "learner": state,
                 "memory": export_model_state(self.learner.model, self.learner.version).memory.tensors,
                 "torch_rng": torch.get_rng_state()}
@@ -239,8 +238,6 @@ class LearnerWorker:
         state = blob["learner"]
         # The memory first: it decides which experts are active, which the level optimizers bind.
         load_memory_state(self.learner.model, MemoryState(state["version"], blob["memory"]))
-        state["recent"] = [Example(**{**e, "choices": None if e["choices"] is None else tuple(e["choices"])})
-                           for e in state["recent"]]
         self.learner.load_state_dict(state)
         torch.set_rng_state(blob["torch_rng"])
         return self.learner.version

@@ -192,3 +192,41 @@ def score_stream(model: PreTrainedModel, tok: PreTrainedTokenizerBase, tasks: Se
     """The score of each task on its `split`, in task order: one row of the accuracy matrix R."""
     return [score_examples(model, tok, getattr(task, split), task.metric, max_length,
                            max_new_tokens) for task in tasks]
+
+
+def token_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   examples: Sequence[Example], max_length: int, batch_size: int = 32) -> float:
+    """Mean over examples of the share of completion tokens (EOS included) that the model's
+    greedy next-token choice gets right, teacher-forced. An empty prompt leaves the first
+    completion token unscored (nothing predicts it)."""
+    pairs = [encode_pair(tok, e.prompt, e.completion, max_length, add_eos=True) for e in examples]
+    pairs = [(p, c) if p else (c[:1], c[1:]) for p, c in pairs]
+    per_example: list[float] = []
+    with _inference(model):
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[start:start + batch_size], tok.pad_token_id)
+            ids, mask = batch.input_ids.to(_device(model)), batch.attention_mask.to(_device(model))
+            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1).cpu()
+            target = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            scored = target != IGNORE
+            right = ((pred == target) & scored).sum(-1)
+            per_example += (right / scored.sum(-1).clamp(min=1)).tolist()
+    return sum(per_example) / len(per_example)
+
+
+def heldout_score(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                  examples: Sequence[Example], max_length: int) -> float:
+    """The 0-1 score of mixed held-out examples (NaN when there are none): accuracy among
+    choices for those that have choices (the task's own metric), greedy token accuracy of the
+    completion for the others, weighted by their counts."""
+    if not examples:
+        return float("nan")
+    with_choices = [e for e in examples if e.choices]
+    without = [e for e in examples if not e.choices]
+    total = 0.0
+    if with_choices:
+        preds = classify_by_likelihood(model, tok, with_choices, max_length)
+        total += accuracy(preds, [e.completion for e in with_choices]) * len(with_choices)
+    if without:
+        total += token_accuracy(model, tok, without, max_length) * len(without)
+    return total / len(examples)

@@ -37,6 +37,30 @@ def _expert_seed(base_seed: int, layer: int, level: int, expert: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@torch.no_grad()
+def low_rank_sum(factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
+                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factors (A, B) of sum_i w_i A_i B_i (A_i (d, r_i), B_i (r_i, d)).
+
+    The stacked factors are reduced by a QR of each side and an SVD of the small core (R x R,
+    R = sum r_i), never a d x d matrix; the singular values are split evenly between A and B.
+    With one input of rank <= `rank` and weight 1 the result has the same product A B.
+    """
+    left = torch.cat([a.float() * w for (a, _), w in zip(factors, weights)], dim=1)  # (d, R)
+    right = torch.cat([b.float() for _, b in factors], dim=0)  # (R, d)
+    q1, r1 = torch.linalg.qr(left)
+    q2, r2 = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)  # the core, (R, R)
+    k = min(rank, len(s))
+    root = s[:k].sqrt()
+    a = torch.zeros(left.shape[0], rank)
+    b = torch.zeros(rank, right.shape[1])
+    a[:, :k] = q1 @ u[:, :k] * root
+    b[:k] = root[:, None] * (vh[:k] @ q2.T)
+    dtype = factors[0][0].dtype
+    return a.to(dtype), b.to(dtype)
+
+
 class ExpertPool(nn.Module):
     """One CMS level's experts at one layer: `capacity` low-rank experts, a router, a mask."""
 
@@ -95,21 +119,21 @@ class ExpertPool(nn.Module):
         self.active[e] = True
 
     @torch.no_grad()
-    def merge(self, keep: int, drop: int) -> None:
-        """Merge expert `drop` into `keep` and free `drop`'s slot.
+    def set_delta(self, e: int, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Load expert e's factors (A (d, r), B (r, d)), e.g. a copy or merge of others."""
+        self.A[e].copy_(factors[0].to(self.A[e]))
+        self.B[e].copy_(factors[1].to(self.B[e]))
 
-        The merged delta A1B1 + A2B2 has rank <= 2r; it is truncated back to rank r through a
-        QR of each factor and an SVD of the small 2r x 2r core (never a d x d matrix).
-        """
-        left = torch.cat([self.A[keep], self.A[drop]], dim=1)  # (d, 2r)
-        right = torch.cat([self.B[keep], self.B[drop]], dim=0)  # (2r, d)
-        q1, r1 = torch.linalg.qr(left.float())
-        q2, r2 = torch.linalg.qr(right.float().T)
-        u, s, vh = torch.linalg.svd(r1 @ r2.T)
-        r = self.rank
-        root = s[:r].sqrt()
-        self.A[keep].copy_((q1 @ u[:, :r] * root).to(self.A[keep]))
-        self.B[keep].copy_((root[:, None] * (vh[:r] @ q2.T)).to(self.B[keep]))
+    def factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (A, B), detached copies: its delta is scale * A @ B."""
+        return self.A[e].detach().clone(), self.B[e].detach().clone()
+
+    @torch.no_grad()
+    def merge(self, keep: int, drop: int) -> None:
+        """Merge expert `drop` into `keep` and free `drop`'s slot (rank-r truncation of the sum,
+        see `low_rank_sum`); the router entry is the usage-weighted mean of the two."""
+        merged = low_rank_sum([self.factors(keep), self.factors(drop)], [1.0, 1.0], self.rank)
+        self.set_delta(keep, merged)
         total = self.usage[keep] + self.usage[drop]
         w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
         self.router[keep].copy_(w * self.router[keep] + (1 - w) * self.router[drop])

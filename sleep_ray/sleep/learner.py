@@ -24,12 +24,14 @@ from sleep_ray.algo.cms import LevelOptimizer, make_optimizer
 from sleep_ray.algo.selection import random_selection, rest_em_filter, select_dreams
 from sleep_ray.config import SleepConfig
 from sleep_ray.data.collate import collate_examples, encode_pair
+from sleep_ray.eval.evaluate import heldout_score
 from sleep_ray.model import memory as M
 from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.generation import sample
 from sleep_ray.sleep.seeding import (SeedingData, completion_logits, finite_step, seed_expert,
                                      seeding_data)
+from sleep_ray.sleep.window import Reservoir, example_from_dict, example_to_dict
 from sleep_ray.types import Example, MemoryState
 
 
@@ -49,6 +51,14 @@ class Learner:
             for level in sched.wake_levels
         }
         self.recent: deque[Example] = deque(maxlen=max(64, cfg.seeding.num_samples))
+        # What the fast level learned since it was last emptied (D's contexts), what was held out
+        # over the same window (the consolidation's judge), and, per consolidated expert
+        # (level, slot), the same two of the data it took over.
+        s = cfg.seeding
+        self.window = Reservoir(s.reservoir_size, seed=cfg.run.seed)
+        self.window_heldout = Reservoir(s.heldout_size, seed=cfg.run.seed + 1)
+        self.expert_data: dict[tuple[int, int], dict[str, list[Example]]] = {}
+        self.applied_step = 0  # the last wake step whose update the fast level holds
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.version = 0
         self.newest_expert: tuple[int, int] | None = None  # (level, slot) of the last seeding
@@ -64,8 +74,11 @@ class Learner:
         for level, opt in self.levels.items():
             opt.set_params(M.expert_parameters(self.model, level))
 
-    def wake_step(self, examples: Sequence[Example]) -> dict[str, float]:
-        """Accumulate one batch's update term into every wake level (Eq. 2: not applied yet)."""
+    def wake_step(self, examples: Sequence[Example], heldout: Sequence[Example] = ()
+                  ) -> dict[str, float]:
+        """Accumulate one batch's update term into every wake level (Eq. 2: not applied yet).
+        `heldout`: examples of the same stretch of the stream kept, never trained on, to judge
+        the next consolidation by (METHOD.md section 5's "held-out slice kept from wake")."""
         self.model.train()
         M.freeze_memory(self.model)
         for level in self.levels:
@@ -74,12 +87,13 @@ class Learner:
         loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           labels=batch.labels).loss
         loss.backward()
-        return self.finish_wake_step(examples, loss)
+        return self.finish_wake_step(examples, loss, heldout)
 
     def wake_parameters(self) -> list[torch.nn.Parameter]:
         return [p for opt in self.levels.values() for p in opt.params.values()]
 
-    def finish_wake_step(self, examples: Sequence[Example], loss: torch.Tensor) -> dict[str, float]:
+    def finish_wake_step(self, examples: Sequence[Example], loss: torch.Tensor,
+                         heldout: Sequence[Example] = ()) -> dict[str, float]:
         """After the backward pass: accumulate (Eq. 2) if the loss and gradients are finite, else
         skip the step, leaving no trace (no update term, no optimizer step, not in `recent`)."""
         self.wake_steps += 1
@@ -89,8 +103,10 @@ class Learner:
                 opt.accumulate()
         M.freeze_memory(self.model)
         self.model.eval()
+        self.window_heldout.add(heldout, self.wake_steps)
         if ok:
             self.recent.extend(examples)
+            self.window.add(examples, self.wake_steps)
         else:
             self.count_nonfinite("wake", 1)
         return {"wake/loss": loss.item(), "wake/skipped": float(not ok),
@@ -113,58 +129,120 @@ class Learner:
         for level in levels:
             if level in self.levels:
                 self.levels[level].apply()
+        if 1 in levels:
+            self.applied_step = self.wake_steps
         if levels:
             self.version += 1
 
     # ---------------------------------------------------------------- sleep: consolidation
 
-    def seeding_prompts(self) -> list[list[int]]:
-        """Prompts for sampling D: short contexts kept from wake, or BOS ("self")."""
+    def consolidated_data(self, source: int) -> dict[str, list[Example]]:
+        """What level `source` holds, as wake examples ("contexts") and held-out ones.
+
+        Level 1: the window's samples up to its last applied step (with `update`, the pending
+        chunk is not in the teacher yet). A slower level: the data of its active experts, which
+        a consolidation into the level above distils and prunes.
+        """
+        if source == 1:
+            # `reset` applies what is pending before the teacher is taken; `update` after it.
+            upto = self.wake_steps if self.cfg.schedule.transition(1) == "reset" else self.applied_step
+            return {"contexts": self.window.until(upto), "heldout": self.window_heldout.until(upto)}
+        out: dict[str, list[Example]] = {"contexts": [], "heldout": []}
+        for slot in M.active_experts(self.model, source):
+            for kind, examples in self.expert_data.get((source, slot), {}).items():
+                out[kind] += examples
+        return out
+
+    def seeding_prompts(self, source: int = 1, seed: int = 0) -> list[list[int]]:
+        """Prompts for sampling D: contexts kept from wake over the whole window of `source`
+        (prefixes of wake texts, see `SeedingConfig.prefix_fraction`), or BOS ("self")."""
         cfg = self.cfg.seeding
-        if cfg.prompt_source == "wake" and self.recent:
-            recent = list(self.recent)[-cfg.num_samples:]
-            prompts = [encode_pair(self.tok, e.prompt, "", self.cfg.data.max_length, False)[0]
-                       for e in recent]
-            prompts = [p[:cfg.prompt_tokens] if cfg.prompt_tokens else p for p in prompts]
-            return (prompts * cfg.num_samples)[:cfg.num_samples]
+        contexts = self.consolidated_data(source)["contexts"]
+        if cfg.prompt_source == "wake":
+            if not contexts:
+                return []
+            g = torch.Generator().manual_seed(seed)
+            if len(contexts) > cfg.num_samples:
+                picked = torch.randperm(len(contexts), generator=g)[:cfg.num_samples].sort().values
+                contexts = [contexts[i] for i in picked.tolist()]
+            return [self.wake_prefix(e, g) for e in contexts]
         bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         return [[bos]] * cfg.num_samples
 
-    def teacher_samples(self, seed: int) -> SeedingData:
+    def wake_prefix(self, example: Example, g: torch.Generator) -> list[int]:
+        """The prompt and a random cut of the completion (at least one token of the text when
+        the prompt is empty, at most `prefix_fraction` of it)."""
+        cfg = self.cfg.seeding
+        prompt, completion = encode_pair(self.tok, example.prompt, example.completion,
+                                         self.cfg.data.max_length, add_eos=False)
+        lo = 0 if prompt else 1
+        hi = max(lo, int(cfg.prefix_fraction * len(completion)))
+        cut = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        ids = (prompt + completion[:cut]) or [self.tok.eos_token_id]
+        return ids[-cfg.prompt_tokens:] if cfg.prompt_tokens else ids
+
+    def teacher_samples(self, seed: int, source: int = 1) -> SeedingData:
         """D sampled from the model as it is now (in one process; the Ray driver asks the
         rollout workers, which hold the same memory version, for the same samples)."""
-        prompts = self.seeding_prompts()
+        prompts = self.seeding_prompts(source, seed)
+        if not prompts:
+            return SeedingData(())
         completions = sample(self.model, self.tok, prompts, self.cfg.seeding.max_new_tokens,
                              self.cfg.seeding.temperature, seed)
         return seeding_data(prompts, completions)
 
+    def context_pairs(self, contexts: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+        """Wake examples as (prompt, completion) ids, at most `seeding.num_samples` of them."""
+        step = max(1, len(contexts) // self.cfg.seeding.num_samples)
+        return [encode_pair(self.tok, e.prompt, e.completion, self.cfg.data.max_length)
+                for e in contexts[::step][:self.cfg.seeding.num_samples]]
+
+    def heldout_score(self, examples: Sequence[Example]) -> float:
+        return heldout_score(self.model, self.tok, examples, self.cfg.data.max_length)
+
     def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
         """Consolidate level `source` into `target` = source + 1 (METHOD section 3) on D = `data`,
-        the teacher's samples; `seed` drives the student's sampling during seeding."""
+        the teacher's samples; `seed` drives the student's sampling during seeding.
+
+        `reset`: the source level's contents move up: the new expert starts as what the reset
+        destroys (`memory.expert_init`), D covers the whole window, then the level is emptied.
+        `update`: the source level keeps its contents and takes its pending chunk; what that
+        update would destroy is what the teacher knew on *older* contexts, so D holds only
+        contexts whose updates the level already held (never the chunk's own inputs, where the
+        new expert would learn to cancel the chunk), and the new expert starts from zero (a
+        copy would count twice what the level keeps).
+        """
         t0 = time.perf_counter()
         transition = self.cfg.schedule.transition(source)
         level_opt = self.levels.get(source)
         if transition == "reset" and level_opt is not None:
             level_opt.apply()  # the teacher holds all the level learned; nothing is dropped
+        held = self.consolidated_data(source)
+        before = self.heldout_score(held["heldout"])
         # 1. Teacher: the model as it is now (D was sampled from it).
         teacher = export_memory_state(self.model, self.version)
-        keys = self.route_keys(data) if self.cfg.memory.router == "cosine" else None
-        # 2. Transition of the source level.
-        if transition == "update":
-            if level_opt is not None:
-                level_opt.apply()
-        else:
-            M.reset_level(self.model, source)
-            if level_opt is not None:
-                level_opt.reset()
-        # Earlier sleeps' experts of the source level are masked from the student now and
-        # pruned below: the new expert must take over what they held (else the divergence is
-        # zero at the start and their knowledge dies with the pruning).
+        # Earlier sleeps' experts of the source level: masked from the student now and pruned
+        # below; the new expert takes over what they held.
         earlier = M.active_experts(self.model, source) if source > 1 else []
+        taken = [(source, e) for e in (earlier or M.active_experts(self.model, source))]
+        if not held["contexts"]:  # the level holds nothing (e.g. `update` before its first chunk)
+            self._transition(source, transition, level_opt)
+            self.version += 1
+            return {"consolidate/source": source, "consolidate/target": target,
+                    "consolidate/skipped": 1.0, "consolidate/seconds": time.perf_counter() - t0}
+        keys, gates = self.route_keys(data.pairs or self.context_pairs(held["contexts"]), target)
+        init = self.new_expert_init(taken if transition == "reset" or earlier else [],
+                                    target, gates)
+        # 2. Transition of the source level.
+        self._transition(source, transition, level_opt)
         for pool in M.pools(self.model, source):
             pool.active[earlier] = False
         # 3. Expansion: one new expert (and router entry) at the target level.
-        slot = M.activate_expert(self.model, target, keys, self.cfg.memory.full_pool)
+        slot = M.activate_expert(self.model, target, keys if self.cfg.memory.router == "cosine" else None,
+                                 self.cfg.memory.full_pool)
+        if init is not None:
+            for pool, factors in zip(M.pools(self.model, target), init):
+                pool.set_delta(slot, factors)
         # 4. Knowledge seeding: only the new expert trains.
         M.freeze_memory(self.model)
         params = M.set_trainable(self.model, target, slot)
@@ -179,23 +257,89 @@ class Learner:
         for pool in M.pools(self.model, source):
             for e in earlier:
                 pool.reset_expert(e)
+        after = self.heldout_score(held["heldout"])
+        self.hand_over(source, target, slot, held, earlier, transition)
         self._bind_wake_levels()
         self.newest_expert = (target, slot)
         self.version += 1
         return stats | {"consolidate/source": source, "consolidate/target": target,
                         "consolidate/slot": slot, "consolidate/pruned": len(earlier),
                         "consolidate/samples": len(data.pairs),
+                        "consolidate/heldout": len(held["heldout"]),
+                        "consolidate/score_before": before, "consolidate/score_after": after,
+                        "consolidate/kept": after / before if before > 0 else float("nan"),
                         "consolidate/seconds": time.perf_counter() - t0,
                         "nonfinite_steps": float(self.nonfinite_steps)}
 
+    def _transition(self, source: int, transition: str, level_opt: LevelOptimizer | None) -> None:
+        if transition == "update":
+            if level_opt is not None:
+                level_opt.apply()
+                self.applied_step = self.wake_steps if source == 1 else self.applied_step
+            return
+        M.reset_level(self.model, source)
+        if level_opt is not None:
+            level_opt.reset()
+
+    def new_expert_init(self, taken: list[tuple[int, int]], target: int,
+                        gates: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer, the new expert's starting factors (None: B = 0, `memory.expert_init: zero`).
+
+        "copy": the rank-r sum of what the teacher applied on D that the student loses: every
+        expert in `taken` (reset or pruned, at full weight) and the target level's experts in
+        the measure they were routed on D (`gates`, (E,) per layer: the new key may now take
+        those inputs).
+        """
+        if self.cfg.memory.expert_init == "zero":
+            return None
+        init = []
+        for memory, g in zip(M.memories(self.model), gates):
+            factors, weights = [], []
+            for level, e in taken:
+                factors.append(memory.levels[level - 1].factors(e))
+                weights.append(1.0)
+            pool = memory.levels[target - 1]
+            for e in pool.active.nonzero().flatten().tolist():
+                if float(g[e]) > 0:
+                    factors.append(pool.factors(e))
+                    weights.append(float(g[e]))
+            init.append(M.low_rank_sum(factors, weights, pool.rank) if factors else None)
+        return None if any(f is None for f in init) else init
+
+    def hand_over(self, source: int, target: int, slot: int, held: dict[str, list[Example]],
+                  earlier: list[int], transition: str) -> None:
+        """Book-keeping after a consolidation: the new expert keeps (bounded) samples of the
+        data it took over; pruned experts and a reset window forget theirs."""
+        size = {"contexts": self.cfg.seeding.reservoir_size, "heldout": self.cfg.seeding.heldout_size}
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.version)
+        kept = {}
+        for kind, examples in held.items():
+            if len(examples) > size[kind]:
+                idx = torch.randperm(len(examples), generator=g)[:size[kind]].sort().values.tolist()
+                examples = [examples[i] for i in idx]
+            kept[kind] = list(examples)
+        self.expert_data[(target, slot)] = kept
+        for e in earlier:
+            self.expert_data.pop((source, e), None)
+        if source == 1 and transition == "reset":
+            self.window.clear()
+            self.window_heldout.clear()
+
     @torch.no_grad()
-    def route_keys(self, data: SeedingData) -> list[torch.Tensor]:
-        """Each memory layer's key for a new expert: the mean hidden state entering the memory
-        over D's tokens (fixed from the data it is seeded on, so it cannot drift onto others)."""
+    def route_keys(self, pairs, target: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per memory layer: the key for a new expert, the mean hidden state entering the memory
+        over `pairs`' tokens (D, or the contexts when D is empty: fixed from the data it is seeded
+        on, so it cannot drift onto others),
+        and the mean gate (E,) of the target level's experts over the same tokens."""
         with M.capture_memory_inputs(self.model) as captured:
-            _, _, batch = completion_logits(self.model, list(data.pairs), self.tok.pad_token_id)
+            _, _, batch = completion_logits(self.model, list(pairs), self.tok.pad_token_id)
         mask = batch.attention_mask.bool()  # (B, T)
-        return [captured[memory.layer][0][mask].mean(0) for memory in M.memories(self.model)]
+        keys, gates = [], []
+        for memory in M.memories(self.model):
+            hidden = captured[memory.layer][0]  # (B, T, d)
+            keys.append(hidden[mask].mean(0))
+            gates.append(memory.levels[target - 1].gates(hidden)[mask].mean(0))  # (E,)
+        return keys, gates
 
     # ---------------------------------------------------------------- sleep: dreaming
 
@@ -256,7 +400,12 @@ class Learner:
                 "wake_steps": self.wake_steps, "nonfinite_steps": self.nonfinite_steps,
                 "generator": self.generator.get_state(),
                 "newest_expert": self.newest_expert,
-                "recent": list(self.recent),
+                "recent": [example_to_dict(e) for e in self.recent],
+                "window": self.window.state_dict(), "window_heldout": self.window_heldout.state_dict(),
+                "applied_step": self.applied_step,
+                "expert_data": [{"level": level, "slot": slot,
+                                 **{k: [example_to_dict(e) for e in v] for k, v in d.items()}}
+                                for (level, slot), d in self.expert_data.items()],
                 "levels": {level: opt.state_dict() for level, opt in self.levels.items()},
                 "dreamer": [p.detach().clone() for p in dreaming.dreamer_parameters(self.model)]}
 
@@ -279,7 +428,13 @@ class Learner:
         self.generator.set_state(state["generator"])
         self.newest_expert = state["newest_expert"]
         self.recent.clear()
-        self.recent.extend(state["recent"])
+        self.recent.extend(example_from_dict(e) for e in state["recent"])
+        self.window.load_state_dict(state["window"])
+        self.window_heldout.load_state_dict(state["window_heldout"])
+        self.applied_step = state["applied_step"]
+        self.expert_data = {(d["level"], d["slot"]): {k: [example_from_dict(e) for e in d[k]]
+                                                      for k in ("contexts", "heldout")}
+                            for d in state["expert_data"]}
         self._bind_wake_levels()
         for level, opt_state in state["levels"].items():
             self.levels[level].load_state_dict(opt_state)

@@ -46,6 +46,17 @@ def task_batches(task: Task, batch_size: int, seed: int, epoch: int) -> Iterator
         yield [task.train[i] for i in order[start:start + batch_size]]
 
 
+def task_heldout(task: Task, batch_size: int, epoch: int, index: int) -> list[Example]:
+    """The held-out examples that arrive with batch `index` of `epoch`: the task's val split,
+    each example once, spread over the first epoch's batches. The learner never trains on them;
+    they judge its consolidations (`Learner.wake_step`)."""
+    if epoch or not task.val:
+        return []
+    batches = -(-len(task.train) // batch_size)
+    per = -(-len(task.val) // batches)
+    return list(task.val[index * per:(index + 1) * per])
+
+
 @dataclass
 class RunRecord:
     """What a run leaves behind: R, per-phase seconds, per-step metrics, memory versions."""
@@ -102,10 +113,11 @@ class LocalSleepRun:
     def learn_task(self, task: Task) -> None:
         steps = -(-len(task.train) // self.cfg.data.batch_size) * self.cfg.run.epochs_per_task
         self.bar = bar = tqdm(total=steps, desc=f"wake {task.name}", leave=False, disable=None)
+        bs = self.cfg.data.batch_size
         for epoch in range(self.cfg.run.epochs_per_task):
-            for batch in task_batches(task, self.cfg.data.batch_size, self.cfg.run.seed, epoch):
+            for i, batch in enumerate(task_batches(task, bs, self.cfg.run.seed, epoch)):
                 with self.record.timed("wake"):
-                    stats = self.learner.wake_step(batch)
+                    stats = self.learner.wake_step(batch, task_heldout(task, bs, epoch, i))
                 plan = self.clock.tick()
                 self.after_step(plan, task)
                 self.log({"step": plan.step, **stats})
@@ -131,7 +143,8 @@ class LocalSleepRun:
             phase = f"consolidate_{source}_to_{target}"
             self.show(phase)
             with self.record.timed(phase):
-                data = self.learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"))
+                data = self.learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"),
+                                                    source)
                 stats = self.learner.consolidate(source, target, data,
                                                  phase_seed(seed, plan.step, f"{phase}/student"))
             self.log({"step": plan.step, **stats})

@@ -119,44 +119,83 @@ def step_if_finite(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[
     return True
 
 
+@torch.no_grad()
+def divergence_on_all(model: nn.Module, teacher: MemoryState, pairs, pad_id: int, beta: float,
+                      batch_size: int = 8) -> float:
+    """Mean per-sequence F(teacher || student) over all of `pairs` (no gradient)."""
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        total += float(divergence_on(model, teacher, chunk, pad_id, beta).sum())
+    return total / max(len(pairs), 1)
+
+
 def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
                 data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
                 generator: torch.Generator, seed: int, batch_size: int = 8) -> dict[str, float]:
-    """Train `params` (the new expert) for cfg.steps on D; returns the last step's stats.
-    A step whose loss or gradient is NaN/inf is skipped (no parameter or Adam-state change) and
-    counted in "seed/nonfinite_steps".
+    """Train `params` (the new expert) for at most cfg.steps on D; returns the last step's stats.
 
-    `seed` feeds the student's sampling (on-policy data, LTI completions) step by step, so the
-    whole phase is deterministic given (model, D, seed).
+    Every `cfg.check_every` steps (and before the first) the divergence over all of D is
+    measured; seeding stops once it is at most `cfg.tolerance` or after `cfg.patience` checks
+    without improvement, and the best student measured is restored. A student that starts at its
+    teacher (the "copy" init) therefore takes no step, and seeding never ends further from the
+    teacher than it started. "seed/steps" counts the steps taken.
+
+    A step whose loss or gradient is NaN/inf is skipped (no parameter or Adam-state change) and
+    counted in "seed/nonfinite_steps". `seed` feeds the student's sampling (on-policy data, LTI
+    completions) step by step, so the whole phase is deterministic given (model, D, seed).
     """
     pad = tok.pad_token_id
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    judge = make_judge(cfg.judge, cfg.judge_threshold) if cfg.lti and cfg.gamma > 0 else None
     pairs = list(data.pairs)
+    best = divergence_on_all(model, teacher, pairs, pad, cfg.beta)
+    first = best
+    best_params = [p.detach().clone() for p in params]
     stats: dict[str, float] = {}
-    first_div = None
-    skipped = 0
-    for step in tqdm(range(cfg.steps), desc="seed expert", leave=False, disable=None):
-        idx = torch.randperm(len(pairs), generator=generator)[:batch_size].tolist()
-        batch_pairs = [pairs[i] for i in idx]
-        off = divergence_on(model, teacher, batch_pairs, pad, cfg.beta) if cfg.lam < 1 else None
-        on = None
-        if cfg.lam > 0:  # on-policy: the student completes D's prompts; no gradient through it
-            prompts = [list(p) for p, _ in batch_pairs]
-            student = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature,
-                             seed * 7919 + step)
-            on_pairs = [(p, tuple(c)) for p, c in zip(prompts, student) if c]
-            on = divergence_on(model, teacher, on_pairs, pad, cfg.beta) if on_pairs else None
-        div, stats = seeding_loss(off, on if on is not None else torch.zeros(1), cfg.lam)
-        loss = div
-        if cfg.lti:
-            pg, lti_stats = imitation_loss(model, tok, batch_pairs, cfg, judge or ExactJudge(),
-                                           generator, seed * 7919 + 104729 + step)
-            if pg is not None:
-                loss, mix_stats = lti_objective(div, pg, cfg.alpha)
-                stats |= lti_stats | mix_stats
-        skipped += not step_if_finite(opt, loss, params)
-        first_div = stats["seed/loss"] if first_div is None else first_div
-    stats["seed/first_loss"] = first_div if first_div is not None else float("nan")
-    stats["seed/nonfinite_steps"] = float(skipped)
-    return stats
+    skipped = steps = stale = 0
+    if not best <= cfg.tolerance and cfg.steps > 0:  # NaN too: its steps are skipped, counted
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        judge = make_judge(cfg.judge, cfg.judge_threshold) if cfg.lti and cfg.gamma > 0 else None
+        for step in tqdm(range(cfg.steps), desc="seed expert", leave=False, disable=None):
+            idx = torch.randperm(len(pairs), generator=generator)[:batch_size].tolist()
+            stats = seeding_step(model, tok, teacher, [pairs[i] for i in idx], cfg, judge,
+                                 generator, seed * 7919 + step)
+            skipped += not step_if_finite(opt, stats.pop("loss"), params)
+            steps += 1
+            if steps % cfg.check_every and steps < cfg.steps:
+                continue
+            div = divergence_on_all(model, teacher, pairs, pad, cfg.beta)
+            if div < best:
+                best, stale = div, 0
+                best_params = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+            if best <= cfg.tolerance or stale >= cfg.patience:
+                break
+        with torch.no_grad():
+            for p, kept in zip(params, best_params):
+                p.copy_(kept)
+    return stats | {"seed/first_divergence": first, "seed/divergence": best,
+                    "seed/steps": float(steps), "seed/nonfinite_steps": float(skipped)}
+
+
+def seeding_step(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
+                 batch_pairs, cfg: SeedingConfig, judge: SemanticJudge | None,
+                 generator: torch.Generator, seed: int) -> dict:
+    """One batch of L_KS: the divergence mix (off- and on-policy) and the LTI reward term.
+    Returns the stats with the differentiable loss under "loss"."""
+    pad = tok.pad_token_id
+    off = divergence_on(model, teacher, batch_pairs, pad, cfg.beta) if cfg.lam < 1 else None
+    on = None
+    if cfg.lam > 0:  # on-policy: the student completes D's prompts; no gradient through it
+        prompts = [list(p) for p, _ in batch_pairs]
+        student = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed)
+        on_pairs = [(p, tuple(c)) for p, c in zip(prompts, student) if c]
+        on = divergence_on(model, teacher, on_pairs, pad, cfg.beta) if on_pairs else None
+    loss, stats = seeding_loss(off, on if on is not None else torch.zeros(1), cfg.lam)
+    if cfg.lti:
+        pg, lti_stats = imitation_loss(model, tok, batch_pairs, cfg, judge or ExactJudge(),
+                                       generator, seed + 104729)
+        if pg is not None:
+            loss, mix_stats = lti_objective(loss, pg, cfg.alpha)
+            stats |= lti_stats | mix_stats
+    return stats | {"loss": loss}

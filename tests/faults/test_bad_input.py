@@ -206,7 +206,7 @@ def test_local_run_stops_past_the_limit(stream):
 
 
 def test_nan_seeding_steps_are_skipped(stream):
-    learner = make_learner()
+    learner = make_learner("memory.expert_init=zero")
     for i in range(2):
         learner.wake_step(list(stream.tasks[0].train)[4 * i:4 * i + 4])
     data = learner.teacher_samples(seed=0)
