@@ -106,6 +106,12 @@ class MemoryConfig:
     init_std: float = 0.02  # std of A at (re)initialization; B starts at zero
     # What a full pool does on expansion: refuse with an error, or merge the two least-used.
     full_pool: Literal["error", "merge"] = "error"
+    # How a consolidation's new expert starts (the paper is silent). "copy": the rank-r sum of
+    # the deltas the teacher applied on D that the student loses (the reset or pruned source
+    # experts, and target experts in the measure they were routed on D), so the student starts
+    # at the teacher and seeding only corrects. "zero": B = 0, seeding rebuilds everything
+    # (measured on SmolLM2-135M: a task learned to 1.00 fell to chance after 30 steps).
+    expert_init: Literal["copy", "zero"] = "copy"
 
     @property
     def num_levels(self) -> int:
@@ -197,7 +203,22 @@ class SeedingConfig:
 
     num_samples: int = 16  # |D|: teacher samples per consolidation
     prompt_source: Literal["self", "wake"] = "wake"  # sampling prompts: BOS only, or wake contexts
-    prompt_tokens: int = 8  # tokens of a kept wake context used as a sampling prompt
+    # A wake context is a prefix of a wake example's text: its prompt and a random cut of its
+    # completion of at most this fraction of the completion's tokens (at least one token when
+    # the prompt is empty: a document's empty prompt elicits nothing of what it taught).
+    prefix_fraction: float = 0.5
+    prompt_tokens: int = 0  # keep at most the last N tokens of a context (0 = all)
+    # Wake contexts kept per window (a uniform reservoir over the whole window) and per expert
+    # (what a later consolidation of that expert distils it on).
+    reservoir_size: int = 256
+    # Held-out examples kept per window: a consolidation is judged on them (consolidate/kept).
+    heldout_size: int = 32
+    # Seeding stops once the divergence on D is at most `tolerance`, or when `patience` checks
+    # (every `check_every` steps) in a row did not improve it; the best student seen is kept, so
+    # a student that starts at (or reaches) its teacher does not walk away from it.
+    tolerance: float = 1e-3
+    check_every: int = 5
+    patience: int = 2
     max_new_tokens: int = 32
     temperature: float = 1.0
     steps: int = 20
@@ -213,10 +234,11 @@ class SeedingConfig:
     judge_threshold: float = 0.8
 
     def validate(self, at: str) -> None:
-        for name in ("lam", "beta", "alpha", "gamma"):
+        for name in ("lam", "beta", "alpha", "gamma", "prefix_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 _fail(f"{at}.{name}", getattr(self, name), "must be in [0, 1]")
-        for name in ("num_samples", "max_new_tokens", "group_size"):
+        for name in ("num_samples", "max_new_tokens", "group_size", "reservoir_size",
+                     "check_every"):
             if getattr(self, name) <= 0:
                 _fail(f"{at}.{name}", getattr(self, name), "must be positive")
 
