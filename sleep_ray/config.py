@@ -102,6 +102,9 @@ class MemoryConfig:
     # "linear": a router row trained by gradient with the expert (the paper's literal reading).
     router: Literal["cosine", "linear"] = "cosine"
     router_temperature: float = 0.1
+    # Cosine routing on what sets the keys apart: keys and inputs minus the mean of the level's
+    # active keys (the project's choice; with raw cosines, tasks of one format all look alike).
+    center_keys: bool = True
     scale: float = 1.0  # output scale of B A h (LoRA's alpha / r)
     init_std: float = 0.02  # std of A at (re)initialization; B starts at zero
     # What a full pool does on expansion: refuse with an error, or merge the two least-used.

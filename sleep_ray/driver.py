@@ -256,11 +256,11 @@ class SleepDriver:
         self.publish()
         with self.record.timed(phase):
             teacher_seed = phase_seed(seed, step, f"{phase}/teacher")
-            prompts = ray.get(self.learners[0].seeding_prompts.remote(source, teacher_seed))
+            prompts, caps = ray.get(self.learners[0].seeding_prompts.remote(source, teacher_seed))
             completions = ray.get(self._rollout().generate.remote(
-                prompts, s.max_new_tokens, s.temperature, teacher_seed,
+                prompts, max(caps), s.temperature, teacher_seed,
                 state=self.state_ref)) if prompts else []
-            data = seeding_data(prompts, completions)
+            data = seeding_data(prompts, completions, caps)
             student = phase_seed(seed, step, f"{phase}/student")
             return self._learner_group(lambda w: w.consolidate.remote(source, target, data, student))[0]
 

@@ -160,7 +160,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ sleep
 
     @compute_timed
-    def seeding_prompts(self, source: int, seed: int) -> list[list[int]]:
+    def seeding_prompts(self, source: int, seed: int) -> tuple[list[list[int]], list[int]]:
         return self.learner.seeding_prompts(source, seed)
 
     @compute_timed

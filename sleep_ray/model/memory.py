@@ -71,6 +71,7 @@ class ExpertPool(nn.Module):
         self.top_k = cfg.top_k[level - 1]
         self.router_kind = cfg.router
         self.temperature = cfg.router_temperature
+        self.center_keys = cfg.center_keys
         self.scale = cfg.scale
         self.init_std = cfg.init_std
         self.sequence_routing = cfg.routing == "sequence"
@@ -172,6 +173,12 @@ class ExpertPool(nn.Module):
         keys = torch.stack(list(self.router))  # (E, d)
         r = self.route_input(x)
         if self.router_kind == "cosine":
+            if self.center_keys:
+                # Compare what sets the active keys apart: hidden states share a large common
+                # direction, so raw cosines of task means are all close to 1.
+                active = self.active.to(keys.dtype)[:, None]  # (E, 1)
+                center = (keys * active).sum(0) / active.sum().clamp(min=1.0)  # (d,)
+                keys, r = keys - center, r - center
             scores = F.normalize(r, dim=-1) @ F.normalize(keys, dim=-1).T / self.temperature
         else:
             scores = r @ keys.T  # (B, T, E)

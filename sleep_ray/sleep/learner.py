@@ -153,25 +153,28 @@ class Learner:
                 out[kind] += examples
         return out
 
-    def seeding_prompts(self, source: int = 1, seed: int = 0) -> list[list[int]]:
-        """Prompts for sampling D: contexts kept from wake over the whole window of `source`
-        (prefixes of wake texts, see `SeedingConfig.prefix_fraction`), or BOS ("self")."""
+    def seeding_prompts(self, source: int = 1, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+        """Prompts for sampling D and the most tokens to keep of each sample: contexts kept from
+        wake over the whole window of `source` (prefixes of wake texts, see
+        `SeedingConfig.prefix_fraction`, each sample cut to what its text had left plus one
+        token), or BOS ("self", up to `max_new_tokens`)."""
         cfg = self.cfg.seeding
         contexts = self.consolidated_data(source)["contexts"]
         if cfg.prompt_source == "wake":
             if not contexts:
-                return []
+                return [], []
             g = torch.Generator().manual_seed(seed)
             if len(contexts) > cfg.num_samples:
                 picked = torch.randperm(len(contexts), generator=g)[:cfg.num_samples].sort().values
                 contexts = [contexts[i] for i in picked.tolist()]
-            return [self.wake_prefix(e, g) for e in contexts]
+            cuts = [self.wake_prefix(e, g) for e in contexts]
+            return [p for p, _ in cuts], [min(left + 1, cfg.max_new_tokens) for _, left in cuts]
         bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
-        return [[bos]] * cfg.num_samples
+        return [[bos]] * cfg.num_samples, [cfg.max_new_tokens] * cfg.num_samples
 
-    def wake_prefix(self, example: Example, g: torch.Generator) -> list[int]:
+    def wake_prefix(self, example: Example, g: torch.Generator) -> tuple[list[int], int]:
         """The prompt and a random cut of the completion (at least one token of the text when
-        the prompt is empty, at most `prefix_fraction` of it)."""
+        the prompt is empty, at most `prefix_fraction` of it), and how many tokens were left."""
         cfg = self.cfg.seeding
         prompt, completion = encode_pair(self.tok, example.prompt, example.completion,
                                          self.cfg.data.max_length, add_eos=False)
@@ -179,17 +182,18 @@ class Learner:
         hi = max(lo, int(cfg.prefix_fraction * len(completion)))
         cut = int(torch.randint(lo, hi + 1, (1,), generator=g))
         ids = (prompt + completion[:cut]) or [self.tok.eos_token_id]
-        return ids[-cfg.prompt_tokens:] if cfg.prompt_tokens else ids
+        ids = ids[-cfg.prompt_tokens:] if cfg.prompt_tokens else ids
+        return ids, len(completion) - cut
 
     def teacher_samples(self, seed: int, source: int = 1) -> SeedingData:
         """D sampled from the model as it is now (in one process; the Ray driver asks the
         rollout workers, which hold the same memory version, for the same samples)."""
-        prompts = self.seeding_prompts(source, seed)
+        prompts, caps = self.seeding_prompts(source, seed)
         if not prompts:
             return SeedingData(())
-        completions = sample(self.model, self.tok, prompts, self.cfg.seeding.max_new_tokens,
+        completions = sample(self.model, self.tok, prompts, max(caps),
                              self.cfg.seeding.temperature, seed)
-        return seeding_data(prompts, completions)
+        return seeding_data(prompts, completions, caps)
 
     def context_pairs(self, contexts: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
         """Wake examples as (prompt, completion) ids, at most `seeding.num_samples` of them."""
@@ -230,7 +234,9 @@ class Learner:
             self.version += 1
             return {"consolidate/source": source, "consolidate/target": target,
                     "consolidate/skipped": 1.0, "consolidate/seconds": time.perf_counter() - t0}
-        keys, gates = self.route_keys(data.pairs or self.context_pairs(held["contexts"]), target)
+        # Keys from the wake inputs themselves: the teacher's sampled continuations of D are
+        # alike across tasks and would drown what sets a window's inputs apart.
+        keys, gates = self.route_keys(self.context_pairs(held["contexts"]), target)
         init = self.new_expert_init(taken if transition == "reset" or earlier else [],
                                     target, gates)
         # 2. Transition of the source level.
@@ -328,8 +334,8 @@ class Learner:
     @torch.no_grad()
     def route_keys(self, pairs, target: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per memory layer: the key for a new expert, the mean hidden state entering the memory
-        over `pairs`' tokens (D, or the contexts when D is empty: fixed from the data it is seeded
-        on, so it cannot drift onto others),
+        over `pairs`' tokens (the window's wake contexts: fixed from the data it is seeded on,
+        so it cannot drift onto others),
         and the mean gate (E,) of the target level's experts over the same tokens."""
         with M.capture_memory_inputs(self.model) as captured:
             _, _, batch = completion_logits(self.model, list(pairs), self.tok.pad_token_id)

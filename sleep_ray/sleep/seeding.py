@@ -36,9 +36,12 @@ class SeedingData:
     pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
 
 
-def seeding_data(prompts, completions) -> SeedingData:
-    """D from sampled completions; too-short samples (< 2 tokens) carry nothing to distil."""
-    return SeedingData(tuple((tuple(p), tuple(c)) for p, c in zip(prompts, completions) if len(c) >= 2))
+def seeding_data(prompts, completions, caps=None) -> SeedingData:
+    """D from sampled completions, each cut to its cap (None: kept whole); too-short samples
+    (< 2 tokens) carry nothing to distil."""
+    caps = caps if caps is not None else [None] * len(prompts)
+    cut = [(tuple(p), tuple(c[:cap] if cap else c)) for p, c, cap in zip(prompts, completions, caps)]
+    return SeedingData(tuple((p, c) for p, c in cut if len(c) >= 2))
 
 
 def make_judge(kind: str, threshold: float) -> SemanticJudge:
