@@ -105,6 +105,9 @@ class MemoryConfig:
     # Cosine routing on what sets the keys apart: keys and inputs minus the mean of the level's
     # active keys (the project's choice; with raw cosines, tasks of one format all look alike).
     center_keys: bool = True
+    # Random expert injection (dreams): the gate share of the injected expert at its level (the
+    # project's choice; the paper says only "activates one random expert").
+    inject_share: float = 0.5
     scale: float = 1.0  # output scale of B A h (LoRA's alpha / r)
     init_std: float = 0.02  # std of A at (re)initialization; B starts at zero
     # What a full pool does on expansion: refuse with an error, or merge the two least-used.
@@ -134,6 +137,8 @@ class MemoryConfig:
             if not 1 <= k <= cap:
                 _fail(f"{at}.top_k", self.top_k,
                       f"level {level} top-k {k} must be in [1, capacity={cap}]")
+        if not 0.0 <= self.inject_share <= 1.0:
+            _fail(f"{at}.inject_share", self.inject_share, "must be in [0, 1]")
         if self.router_temperature <= 0:
             _fail(f"{at}.router_temperature", self.router_temperature, "must be positive")
         if any(layer < 0 for layer in self.layers):
@@ -231,13 +236,17 @@ class SeedingConfig:
     lti: bool = True  # Learning to Imitate reward term
     alpha: float = 0.8  # weight of the divergence in L_KS (1 - alpha on the imitation reward)
     gamma: float = 0.5  # weight of r_sem in the imitation reward
-    z0: int = 16  # Levenshtein threshold of r_abs (characters)
+    # Levenshtein threshold of r_abs as a fraction of the reference's length in characters
+    # (the paper's z0 is absolute; no fixed count suits every length).
+    z0: float = 0.5
     group_size: int = 4  # completions per prefix for the group baseline
-    judge: Literal["exact", "embedding"] = "exact"
+    # r_sem's judge: sentence-embedding cosine (all-MiniLM-L6-v2, offline from the `semantic`
+    # extra) or exact match after normalising (free; for tests that need no model).
+    judge: Literal["exact", "embedding"] = "embedding"
     judge_threshold: float = 0.8
 
     def validate(self, at: str) -> None:
-        for name in ("lam", "beta", "alpha", "gamma", "prefix_fraction"):
+        for name in ("lam", "beta", "alpha", "gamma", "prefix_fraction", "z0"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 _fail(f"{at}.{name}", getattr(self, name), "must be in [0, 1]")
         for name in ("num_samples", "max_new_tokens", "group_size", "reservoir_size",

@@ -39,14 +39,25 @@ class LevelOptimizer:
         self.steps_accumulated = 0
 
     def set_params(self, named: Iterable[tuple[str, nn.Parameter]]) -> None:
-        """(Re)bind the level's parameters; a new set starts a fresh optimizer state."""
+        """(Re)bind the level's parameters, e.g. after a consolidation added an expert.
+
+        A parameter bound before under the same name keeps its pending sum and its optimizer
+        state (Eq. 2: accumulated update terms are never dropped); new ones start fresh.
+        """
         named = dict(named)
         if named.keys() == self.params.keys() and all(named[k] is self.params[k] for k in named):
             return
+        old_params, old_opt = self.params, self.optimizer
         self.params = named
         self.optimizer = self.factory(list(named.values())) if named else None
-        self.pending = {}
-        self.steps_accumulated = 0
+        self.pending = {k: v for k, v in self.pending.items() if k in named}
+        if old_opt is not None and self.optimizer is not None:
+            for name, p in named.items():
+                old = old_params.get(name)
+                if old is not None and old in old_opt.state:
+                    self.optimizer.state[p] = old_opt.state[old]
+        if not self.pending:
+            self.steps_accumulated = 0
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -73,7 +84,7 @@ class LevelOptimizer:
 
     def reset(self) -> None:
         """The `reset` transition: drop the pending sum and the optimizer state."""
-        params, self.params = self.params, {}
+        params, self.params, self.pending, self.optimizer = self.params, {}, {}, None
         self.set_params(params.items())
 
     def state_dict(self) -> dict:

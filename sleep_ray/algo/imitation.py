@@ -112,15 +112,24 @@ class EmbeddingJudge:
         return (self.similarity(preds, refs) >= self.threshold).tolist()
 
 
+def relative_z0(refs: list[str], fraction: float) -> list[int]:
+    """z0 per reference: `fraction` of its length in characters, rounded down. A fixed z0 in
+    characters is all-forgiving on short references and out of reach on long ones; a fraction
+    asks the same closeness of both."""
+    return [int(fraction * len(r)) for r in refs]
+
+
 def imitation_reward(preds: list[str], refs: list[str], judge: SemanticJudge | None,
-                     gamma: float, z0: int) -> Tensor:
+                     gamma: float, z0: int | list[int]) -> Tensor:
     """r = gamma * r_sem + (1 - gamma) * r_abs for each (completion, reference). (N,) float32.
 
-    With gamma = 0 the judge is never called (and may be None).
+    `z0`: one threshold for every pair, or one per pair (see `relative_z0`). With gamma = 0 the
+    judge is never called (and may be None).
     """
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} preds but {len(refs)} refs")
-    r_abs = torch.tensor([abs_reward(p, r, z0) for p, r in zip(preds, refs)],
+    z0s = z0 if isinstance(z0, list) else [z0] * len(refs)
+    r_abs = torch.tensor([abs_reward(p, r, z) for p, r, z in zip(preds, refs, z0s)],
                          dtype=torch.float32)  # (N,)
     if gamma == 0.0:
         return r_abs

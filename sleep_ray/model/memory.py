@@ -72,6 +72,7 @@ class ExpertPool(nn.Module):
         self.router_kind = cfg.router
         self.temperature = cfg.router_temperature
         self.center_keys = cfg.center_keys
+        self.inject_share = cfg.inject_share
         self.scale = cfg.scale
         self.init_std = cfg.init_std
         self.sequence_routing = cfg.routing == "sequence"
@@ -187,12 +188,6 @@ class ExpertPool(nn.Module):
         k = min(self.top_k, self.capacity)
         top = scores.topk(k, dim=-1).indices
         selected = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True) & self.active
-        if self.inject:  # random expert injection: one more active expert, uniformly drawn
-            noise = torch.rand(scores.shape, device=scores.device)
-            noise = noise.masked_fill(~(self.active & ~selected), -1.0)
-            has_extra = noise.max(-1, keepdim=True).values >= 0  # (B, T, 1): any candidate left
-            extra = F.one_hot(noise.argmax(-1), self.capacity).bool() & has_extra
-            selected = selected | extra
         logits = scores.masked_fill(~selected, neg)
         if self.router_kind == "linear":
             # A learned row competes with an implicit "no expert" logit of 0, so the gate keeps
@@ -201,7 +196,22 @@ class ExpertPool(nn.Module):
             weights = torch.cat([logits, null], dim=-1).softmax(dim=-1)[..., :-1]
         else:
             weights = logits.softmax(dim=-1)
-        return weights * selected  # exact zeros off the selection: zero output, zero gradient
+        weights = weights * selected  # exact zeros off the selection: zero output, zero gradient
+        if self.inject:
+            weights = self.inject_random_expert(weights, selected)
+        return weights
+
+    def inject_random_expert(self, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Random expert injection (dreams): one active expert that routing did not select,
+        drawn uniformly per token, takes a fixed `inject_share` of the level's gate mass (a
+        softmax share of a far-away key can be ~0 and change nothing). Where the level has no
+        such expert the gates are unchanged. (B, T, E) -> (B, T, E)."""
+        noise = torch.rand(weights.shape, device=weights.device)
+        noise = noise.masked_fill(~(self.active & ~selected), -1.0)
+        has_extra = noise.max(-1, keepdim=True).values >= 0  # (B, T, 1): any candidate left
+        extra = F.one_hot(noise.argmax(-1), self.capacity).to(weights.dtype) * has_extra
+        share = self.inject_share * has_extra.to(weights.dtype)  # (B, T, 1)
+        return weights * (1 - share) + extra * share
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gates(x)  # (B, T, E)

@@ -12,6 +12,7 @@ semantic judge, group baseline). With `seeding.lti: false` the loss is the diver
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from sleep_ray.algo.divergence import per_sequence_jsd, seeding_loss
 from sleep_ray.algo.imitation import (ExactJudge, SemanticJudge, group_advantages,
                                       imitation_reward, lti_objective, policy_gradient_loss,
-                                      random_prefix_cut)
+                                      random_prefix_cut, relative_z0)
 from sleep_ray.config import SeedingConfig
 from sleep_ray.sleep.generation import memory_view, pairs_to_batch, sample
 from sleep_ray.types import MemoryState
@@ -44,7 +45,10 @@ def seeding_data(prompts, completions, caps=None) -> SeedingData:
     return SeedingData(tuple((p, c) for p, c in cut if len(c) >= 2))
 
 
+@functools.lru_cache(maxsize=4)
 def make_judge(kind: str, threshold: float) -> SemanticJudge:
+    """The semantic judge of r_sem, one per (kind, threshold) per process: the embedding model
+    loads once, not at every consolidation."""
     if kind == "embedding":
         from sleep_ray.algo.imitation import EmbeddingJudge
 
@@ -74,21 +78,28 @@ def divergence_on(model: nn.Module, teacher: MemoryState, pairs, pad_id: int, be
 def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: SeedingConfig,
                    judge: SemanticJudge, generator: torch.Generator, seed: int):
     """Learning to Imitate: cut, complete (group of S per prefix), reward, policy gradient."""
-    prefixes, refs = [], []
+    prefixes, refs, lengths = [], [], []
     for prompt, completion in pairs:
         if len(completion) < 2:
             continue
         cut = random_prefix_cut(list(completion), generator)
         prefixes.append(list(prompt) + list(completion[:cut]))
         refs.append(tok.decode(completion[cut:], skip_special_tokens=True))
+        lengths.append(len(completion) - cut)
     if not prefixes:
         return None, {}
     group = cfg.group_size
     prompts = [p for p in prefixes for _ in range(group)]  # (G * S) prompts
-    completions = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed)
+    # Each completion is at most as long as its reference (or stops at EOS): text past the
+    # reference's end has nothing to match, and r_abs would be ~0 on almost every sample.
+    caps = [n for n in lengths for _ in range(group)]
+    completions = sample(model, tok, prompts, min(max(caps), cfg.max_new_tokens),
+                         cfg.temperature, seed)
+    completions = [c[:n] for c, n in zip(completions, caps)]
     preds = [tok.decode(c, skip_special_tokens=True) for c in completions]
-    rewards = imitation_reward(preds, [r for r in refs for _ in range(group)], judge,
-                               cfg.gamma, cfg.z0).view(len(prefixes), group)  # (G, S)
+    group_refs = [r for r in refs for _ in range(group)]
+    rewards = imitation_reward(preds, group_refs, judge, cfg.gamma,
+                               relative_z0(group_refs, cfg.z0)).view(len(prefixes), group)  # (G, S)
     adv = group_advantages(rewards).flatten()  # (G * S,)
     pairs_done = [(p, c) for p, c in zip(prompts, completions) if c]
     keep = torch.tensor([bool(c) for c in completions], device=adv.device)
@@ -96,6 +107,7 @@ def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: S
     logp = F.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     loss, stats = policy_gradient_loss(logp, mask, adv[keep].to(logp.device))
     stats["lti/reward_mean"] = rewards.mean().item()
+    stats["lti/reward_nonzero"] = (rewards > 0).float().mean().item()
     return loss, stats
 
 
@@ -155,6 +167,7 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
     best_params = [p.detach().clone() for p in params]
     stats: dict[str, float] = {}
     skipped = steps = stale = 0
+    rewards: dict[str, list[float]] = {}  # the LTI reward statistics of every step
     if not best <= cfg.tolerance and cfg.steps > 0:  # NaN too: its steps are skipped, counted
         opt = torch.optim.Adam(params, lr=cfg.lr)
         judge = make_judge(cfg.judge, cfg.judge_threshold) if cfg.lti and cfg.gamma > 0 else None
@@ -164,6 +177,9 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
                                  generator, seed * 7919 + step)
             skipped += not step_if_finite(opt, stats.pop("loss"), params)
             steps += 1
+            for name in ("lti/reward_mean", "lti/reward_nonzero"):
+                if name in stats:
+                    rewards.setdefault(name, []).append(stats[name])
             if steps % cfg.check_every and steps < cfg.steps:
                 continue
             div = divergence_on_all(model, teacher, pairs, pad, cfg.beta)
@@ -177,7 +193,9 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
         with torch.no_grad():
             for p, kept in zip(params, best_params):
                 p.copy_(kept)
-    return stats | {"seed/first_divergence": first, "seed/divergence": best,
+    # The phase's LTI reward: its mean and the share of non-zero rewards, over all steps.
+    phase = {f"seed/{name.split('/')[1]}": sum(v) / len(v) for name, v in rewards.items()}
+    return stats | phase | {"seed/first_divergence": first, "seed/divergence": best,
                     "seed/steps": float(steps), "seed/nonfinite_steps": float(skipped)}
 
 

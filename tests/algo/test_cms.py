@@ -76,3 +76,36 @@ def test_reset_drops_pending_and_state_round_trips():
     level.load_state_dict(saved)
     level.apply()
     assert abs(p.item() - 0.9) < 1e-6
+
+
+def test_rebinding_keeps_pending_sums_and_optimizer_state_by_name():
+    # SGD, lr 0.1, C = 4. Two steps with grad 1 on p (pending -0.2), then a new parameter q joins
+    # the level (a consolidation added an expert): p's pending sum survives. Two more steps with
+    # grad 1 on both; at the chunk's end p = 1 - 0.1 * 4 = 0.6 and q = 2 - 0.1 * 2 = 1.8.
+    p, q = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(2.0))
+    level = LevelOptimizer(2, 4, make_optimizer("sgd", 0.1))
+    level.set_params([("p", p)])
+    for _ in range(2):
+        p.grad = torch.ones(())
+        level.accumulate()
+    level.set_params([("p", p), ("q", q)])
+    assert level.steps_accumulated == 2 and torch.allclose(level.pending["p"], torch.tensor(-0.2))
+    for _ in range(2):
+        p.grad, q.grad = torch.ones(()), torch.ones(())
+        level.accumulate()
+    assert level.apply() == 4
+    assert abs(p.item() - 0.6) < 1e-6 and abs(q.item() - 1.8) < 1e-6
+
+
+def test_rebinding_keeps_adam_moments_of_a_kept_parameter():
+    p, q = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(2.0))
+    level = LevelOptimizer(2, 8, make_optimizer("adamw", 0.1))
+    level.set_params([("p", p)])
+    p.grad = torch.ones(())
+    level.accumulate()
+    moments = {k: v.clone() for k, v in level.optimizer.state[p].items() if torch.is_tensor(v)}
+    level.set_params([("p", p), ("q", q)])
+    assert all(torch.equal(level.optimizer.state[p][k], v) for k, v in moments.items())
+    assert q not in level.optimizer.state
+    level.reset()  # the `reset` transition drops both
+    assert level.pending == {} and p not in level.optimizer.state

@@ -7,13 +7,16 @@ config: the new expert starts as what the reset destroys and seeding leaves a st
 matches its teacher where it is.
 """
 
+import dataclasses
 import random
 
 import pytest
+import torch
 
 from sleep_ray.config import load_config
 from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
+from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.learner import Learner
 from sleep_ray.types import Example
 
@@ -94,3 +97,69 @@ def test_an_older_expert_keeps_its_pairs_when_a_second_window_is_consolidated():
     consolidate(learner, 1, 2, seed=2)
     # Centred cosine keys send the first window's keys to the first expert.
     assert learner.heldout_score(first) >= 0.9
+
+
+def test_a_slower_wake_level_keeps_its_pending_sum_across_a_consolidation():
+    # Level 2 takes wake gradients too (C(2) = 4). Its first expert accumulates for two steps;
+    # a consolidation 1 -> 2 then adds a second expert (a rebinding of level 2's parameters):
+    # the first expert's pending sum survives, and at the chunk's end it moves by all of it.
+    learner = make_learner("schedule.wake_levels=[1, 2]", "schedule.chunk_sizes=[1, 4, 8]",
+                           "schedule.windows=[4, 0, 0]")
+    pairs = word_pairs(learner.tok, 0, 10, "a")
+    rng = random.Random(0)
+
+    def step():
+        learner.wake_step(rng.sample(pairs, 8), pairs[:2])
+        learner.apply_updates([1])
+
+    for _ in range(4):
+        step()
+    consolidate(learner, 1, 2)  # the first level-2 expert, bound to level 2 now
+    first = {n: p.detach().clone() for n, p in learner.levels[2].params.items()}
+    for _ in range(2):
+        step()
+    pending = {n: v.clone() for n, v in learner.levels[2].pending.items()}
+    assert pending and pending.keys() == first.keys()
+    consolidate(learner, 1, 2, seed=3)  # a second expert joins level 2
+    assert learner.levels[2].steps_accumulated == 2
+    for name, value in pending.items():
+        assert torch.equal(learner.levels[2].pending[name], value)
+    for _ in range(2):
+        step()
+    total = {n: learner.levels[2].pending[n].clone() for n in first}
+    learner.apply_updates([2])
+    for name, p in learner.levels[2].params.items():
+        if name in first:
+            assert torch.allclose(p, first[name] + total[name], atol=1e-7)
+
+
+# Random expert injection (dreams) changes what a dream says, not only its logits.
+
+
+def test_injection_gives_the_unrouted_expert_a_fixed_share():
+    learner = make_learner("memory.capacity=[1, 3, 2]")
+    pool = M.pools(learner.model, 2)[0]
+    pool.activate(0, torch.randn(pool.dim))
+    pool.activate(1, torch.randn(pool.dim))
+    x = torch.randn(2, 5, pool.dim)
+    routed = pool.gates(x)  # (B, T, E): top-1, one expert at weight 1
+    with M.random_injection(learner.model):
+        mixed = pool.gates(x)
+    # Hand-worked: the routed expert keeps 1 - 0.5, the other active one gets 0.5, the inactive
+    # slot nothing.
+    torch.testing.assert_close(mixed, routed * 0.5 + (1 - routed) * 0.5 * pool.active)
+
+
+def test_injected_dreams_differ_in_their_tokens():
+    learner = make_learner()
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    for seed, pairs in enumerate((first, second)):
+        learn(learner, pairs)
+        consolidate(learner, 1, 2, seed=seed)
+    assert len(M.active_experts(learner.model, 2)) == 2  # one expert the context does not reach
+    context = learner.dream_context(first[:2])
+    d = dataclasses.replace(learner.cfg.dreaming, dreamer=False)  # injection alone
+    with_injection = dreaming.generate_dreams(learner.model, learner.tok, context, d, seed=7)
+    without = dreaming.generate_dreams(learner.model, learner.tok, context,
+                                       dataclasses.replace(d, random_expert=False), seed=7)
+    assert [x.tokens for x in with_injection] != [x.tokens for x in without]
