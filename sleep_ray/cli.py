@@ -4,6 +4,7 @@
     sleep-ray config --config FILE [--set k=v ...]       print the resolved config
     sleep-ray footprint [--config FILE]                   bytes of expert / memory / model
     sleep-ray bench continual --stream ... --output DIR   Sleep vs the baselines (report + plots)
+    sleep-ray bench consolidation --path ... --output DIR what each consolidation keeps
     sleep-ray bench systems [--quick] [--rows ...]        the six systems rows (systems.md)
     sleep-ray serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key K]   OpenAI-compatible API
 
@@ -129,6 +130,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from sleep_ray.bench.continual import main as continual_main
 
         continual_main(args.rest)
+    elif args.which == "consolidation":
+        from sleep_ray.bench.consolidation import main as consolidation_main
+
+        consolidation_main(args.rest)
     elif args.which == "systems":
         from sleep_ray.bench.systems import main as systems_main
 
@@ -176,11 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
              "sleep-ray footprint --config jobs/configs/tiny.yaml")
     add_config_args(p)
     p.set_defaults(func=cmd_footprint)
-    p = _sub(sub, "bench", "benchmarks: `continual` (Sleep vs baselines), `systems` (the six "
-                           "systems rows), `footprint`; "
+    p = _sub(sub, "bench", "benchmarks: `continual` (Sleep vs baselines), `consolidation` (what "
+                           "a consolidation keeps), `systems` (the six systems rows), `footprint`; "
                            "`sleep-ray bench NAME --help` for a benchmark's own arguments",
              "sleep-ray bench continual --stream synthetic_languages --output runs/bench")
-    p.add_argument("which", choices=["continual", "systems", "footprint"])
+    p.add_argument("which", choices=["continual", "consolidation", "systems", "footprint"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (--help)")
     p.set_defaults(func=cmd_bench)
     p = _sub(sub, "serve", "serve RUN_DIR's model (newest memory, hot-reloaded) over an "

@@ -93,6 +93,10 @@ class MemoryConfig:
     # Decoder layers that carry memory; empty tuple = every layer.
     layers: tuple[int, ...] = ()
     rank: int = 8
+    # Rank per level (empty: `rank` everywhere). A consolidated expert takes over the rank-r sum
+    # of several experts (the fast level and the target experts routed on its window): a slower
+    # level with more rank holds that sum exactly instead of truncating it (project's choice).
+    ranks: tuple[int, ...] = ()
     # Pre-allocated experts per level. Level 1 holds the fast weights (one expert, always active).
     capacity: tuple[int, ...] = (1, 8, 4)
     top_k: tuple[int, ...] = (1, 1, 1)
@@ -123,9 +127,16 @@ class MemoryConfig:
     def num_levels(self) -> int:
         return len(self.capacity)
 
+    def level_rank(self, level: int) -> int:
+        """The rank of `level`'s experts (1-based)."""
+        return self.ranks[level - 1] if self.ranks else self.rank
+
     def validate(self, at: str) -> None:
         if self.rank <= 0:
             _fail(f"{at}.rank", self.rank, "must be positive")
+        if self.ranks and (len(self.ranks) != len(self.capacity) or min(self.ranks) <= 0):
+            _fail(f"{at}.ranks", self.ranks,
+                  f"needs one positive rank per level ({len(self.capacity)} levels from capacity)")
         if not self.capacity:
             _fail(f"{at}.capacity", self.capacity, "needs one entry per level")
         if len(self.top_k) != len(self.capacity):
@@ -513,7 +524,7 @@ def save_config(cfg: SleepConfig, path: str | Path) -> None:
 # Fields (dotted prefixes) whose change makes a saved learner state or memory the wrong shape
 # or meaning: the backbone and tokenizer, the memory's layout, which levels hold optimizer
 # state, the dreamer adapter, and the stream a checkpoint's position points into.
-RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.capacity", "memory.router",
+RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.capacity", "memory.router",
                  "schedule.chunk_sizes", "schedule.wake_levels", "schedule.optimizer",
                  "dreaming.enabled", "dreaming.dreamer", "dreaming.dreamer_rank",
                  "dreaming.dreamer_targets", "data.stream", "data.path", "data.num_tasks",

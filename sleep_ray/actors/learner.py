@@ -120,8 +120,9 @@ class LearnerWorker:
             M.set_trainable(L.model, level)
         # Collated as a whole: the same padding (hence the same numbers) as the torch path.
         batch = collate_examples(L.tok, examples, L.cfg.data.max_length)
-        loss = self._slice_loss(*(t.to(L.model.device) for t in
-                                  (batch.input_ids, batch.attention_mask, batch.labels)))
+        with M.track_usage(L.model):  # as Learner.wake_step: usage decides which experts merge
+            loss = self._slice_loss(*(t.to(L.model.device) for t in
+                                      (batch.input_ids, batch.attention_mask, batch.labels)))
         self.engine.backward(loss)  # gradients averaged over the group (an all-reduce)
         # The group's mean loss and the all-reduced gradients are the same on every worker, so
         # all of them skip a non-finite step together (a NaN in one slice reaches every worker).

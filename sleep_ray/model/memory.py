@@ -66,7 +66,7 @@ class ExpertPool(nn.Module):
 
     def __init__(self, dim: int, cfg: MemoryConfig, level: int, layer: int, seed: int):
         super().__init__()
-        self.dim, self.rank, self.level, self.layer, self.seed = dim, cfg.rank, level, layer, seed
+        self.dim, self.rank, self.level, self.layer, self.seed = dim, cfg.level_rank(level), level, layer, seed
         self.capacity = cfg.capacity[level - 1]
         self.top_k = cfg.top_k[level - 1]
         self.router_kind = cfg.router
@@ -76,8 +76,8 @@ class ExpertPool(nn.Module):
         self.scale = cfg.scale
         self.init_std = cfg.init_std
         self.sequence_routing = cfg.routing == "sequence"
-        self.A = nn.ParameterList(nn.Parameter(torch.empty(dim, cfg.rank)) for _ in range(self.capacity))
-        self.B = nn.ParameterList(nn.Parameter(torch.empty(cfg.rank, dim)) for _ in range(self.capacity))
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(dim, self.rank)) for _ in range(self.capacity))
+        self.B = nn.ParameterList(nn.Parameter(torch.empty(self.rank, dim)) for _ in range(self.capacity))
         # Router entry per expert: a fixed key (cosine) or a trained row (linear).
         self.router = nn.ParameterList(nn.Parameter(torch.empty(dim)) for _ in range(self.capacity))
         self.register_buffer("active", torch.zeros(self.capacity, dtype=torch.bool))

@@ -84,8 +84,9 @@ class Learner:
         for level in self.levels:
             M.set_trainable(self.model, level)
         batch = collate_examples(self.tok, examples, self.cfg.data.max_length).to(self.model.device)
-        loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          labels=batch.labels).loss
+        with M.track_usage(self.model):  # routed gate mass per expert: "merge the least used"
+            loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              labels=batch.labels).loss
         loss.backward()
         return self.finish_wake_step(examples, loss, heldout)
 
@@ -264,6 +265,7 @@ class Learner:
             for e in earlier:
                 pool.reset_expert(e)
         after = self.heldout_score(held["heldout"])
+        share = self.route_share(held["heldout"] or held["contexts"], target, slot)
         self.hand_over(source, target, slot, held, earlier, transition)
         self._bind_wake_levels()
         self.newest_expert = (target, slot)
@@ -274,6 +276,7 @@ class Learner:
                         "consolidate/heldout": len(held["heldout"]),
                         "consolidate/score_before": before, "consolidate/score_after": after,
                         "consolidate/kept": after / before if before > 0 else float("nan"),
+                        "consolidate/route_share": share,
                         "consolidate/seconds": time.perf_counter() - t0,
                         "nonfinite_steps": float(self.nonfinite_steps)}
 
@@ -330,6 +333,20 @@ class Learner:
         if source == 1 and transition == "reset":
             self.window.clear()
             self.window_heldout.clear()
+
+    @torch.no_grad()
+    def route_share(self, examples: Sequence[Example], level: int, slot: int) -> float:
+        """The mean gate of expert (level, slot) over the tokens of `examples`, averaged over
+        the memory layers: how much of the consolidated data reaches the new expert."""
+        if not examples:
+            return float("nan")
+        pairs = self.context_pairs(examples)
+        with M.capture_memory_inputs(self.model) as captured:
+            _, _, batch = completion_logits(self.model, pairs, self.tok.pad_token_id)
+        mask = batch.attention_mask.bool()  # (B, T)
+        shares = [float(memory.levels[level - 1].gates(captured[memory.layer][0])[mask][:, slot].mean())
+                  for memory in M.memories(self.model)]
+        return sum(shares) / len(shares)
 
     @torch.no_grad()
     def route_keys(self, pairs, target: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

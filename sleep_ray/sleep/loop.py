@@ -116,8 +116,10 @@ class LocalSleepRun:
         bs = self.cfg.data.batch_size
         for epoch in range(self.cfg.run.epochs_per_task):
             for i, batch in enumerate(task_batches(task, bs, self.cfg.run.seed, epoch)):
+                t0 = time.perf_counter()
                 with self.record.timed("wake"):
                     stats = self.learner.wake_step(batch, task_heldout(task, bs, epoch, i))
+                stats["wake/seconds"] = time.perf_counter() - t0
                 plan = self.clock.tick()
                 self.after_step(plan, task)
                 self.log({"step": plan.step, **stats})

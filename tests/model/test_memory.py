@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sleep_ray.config import load_config
 from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.model.state import (MemoryStateError, export_memory_state, load_memory_state,
@@ -226,3 +227,27 @@ def test_sequence_routing_ignores_left_padding(tiny_cfg):
         batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         alone = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=5, do_sample=False)
     assert batched[1, ids.shape[1]:].tolist() == alone[0, len(prompts[1]):].tolist()
+
+
+def test_low_rank_sum_is_exact_with_enough_rank_and_the_svd_truncation_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a1, b1 = torch.randn(32, 4, generator=g), torch.randn(4, 32, generator=g)
+    a2, b2 = torch.randn(32, 4, generator=g), torch.randn(4, 32, generator=g)
+    dense = a1 @ b1 + 0.5 * (a2 @ b2)  # (32, 32), rank 8
+    a, b = M.low_rank_sum([(a1, b1), (a2, b2)], [1.0, 0.5], rank=8)
+    torch.testing.assert_close(a @ b, dense, atol=1e-4, rtol=1e-4)
+    a, b = M.low_rank_sum([(a1, b1), (a2, b2)], [1.0, 0.5], rank=4)
+    u, s, vh = torch.linalg.svd(dense)
+    best = u[:, :4] * s[:4] @ vh[:4]  # Eckart-Young: the best rank-4 approximation
+    torch.testing.assert_close(a @ b, best, atol=1e-4, rtol=1e-4)
+    a, b = M.low_rank_sum([(a1, b1)], [1.0], rank=6)  # padded with zero columns / rows
+    assert a.shape == (32, 6) and b.shape == (6, 32)
+    torch.testing.assert_close(a @ b, a1 @ b1, atol=1e-4, rtol=1e-4)
+
+
+def test_levels_can_have_their_own_rank():
+    cfg = load_config(None, ["model.pretrain_steps=0", "memory.ranks=[4, 8, 12]"])
+    model, _ = build_model(cfg)
+    for level, rank in ((1, 4), (2, 8), (3, 12)):
+        pool = M.pools(model, level)[0]
+        assert pool.rank == rank and pool.A[0].shape[1] == rank and pool.B[0].shape[0] == rank

@@ -45,7 +45,7 @@ def learn(learner, pairs, steps=WAKE_STEPS):
     is the task: there is nothing else to ask)."""
     rng = random.Random(0)
     for i in range(steps):
-        learner.wake_step(rng.sample(pairs, 8), pairs if i == 0 else [])
+        learner.wake_step(rng.sample(pairs, min(8, len(pairs))), pairs if i == 0 else [])
         learner.apply_updates([1])
 
 
@@ -163,3 +163,25 @@ def test_injected_dreams_differ_in_their_tokens():
     without = dreaming.generate_dreams(learner.model, learner.tok, context,
                                        dataclasses.replace(d, random_expert=False), seed=7)
     assert [x.tokens for x in with_injection] != [x.tokens for x in without]
+
+
+def test_wake_counts_router_usage_so_a_full_pool_merges_the_least_used():
+    learner = make_learner("memory.capacity=[1, 3, 2]", "memory.full_pool=merge")
+    sets = [word_pairs(learner.tok, 0, 6, "a"), word_pairs(learner.tok, 12, 6, "b"),
+            word_pairs(learner.tok, 24, 6, "c")]
+    for i, pairs in enumerate(sets):
+        learn(learner, pairs, steps=20)
+        consolidate(learner, 1, 2, seed=i)
+    assert M.active_experts(learner.model, 2) == [0, 1, 2]
+    for pool in M.pools(learner.model, 2):
+        pool.usage.zero_()
+    before = [p.usage.clone() for p in M.pools(learner.model, 1)]
+    learn(learner, sets[0] + sets[2], steps=10)  # wake on the first and third sets only
+    usage = torch.stack([p.usage for p in M.pools(learner.model, 2)]).sum(0)  # (3,)
+    assert all(float(p.usage[0]) > float(b[0]) for p, b in zip(M.pools(learner.model, 1), before))
+    assert usage[1] < usage[0] and usage[1] < usage[2], usage  # the second set was not woken on
+    # The next consolidation finds the pool full and merges the two least-used experts: the
+    # second one (slot 1) goes into the lesser of the other two, and its slot holds the new one.
+    least = [int(i) for i in torch.argsort(usage, stable=True)[:2]]
+    stats = consolidate(learner, 1, 2, seed=9)
+    assert stats["consolidate/slot"] == least[1]
