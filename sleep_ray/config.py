@@ -109,6 +109,9 @@ class MemoryConfig:
     # Cosine routing on what sets the keys apart: keys and inputs minus the mean of the level's
     # active keys (the project's choice; with raw cosines, tasks of one format all look alike).
     center_keys: bool = True
+    # Keys per expert of the cosine router: prototypes, one per wake context it was seeded on
+    # (the mean hidden state over the context), an input scoring its best match. 1: one mean key.
+    router_prototypes: int = 32
     # Random expert injection (dreams): the gate share of the injected expert at its level (the
     # project's choice; the paper says only "activates one random expert").
     inject_share: float = 0.5
@@ -148,6 +151,8 @@ class MemoryConfig:
             if not 1 <= k <= cap:
                 _fail(f"{at}.top_k", self.top_k,
                       f"level {level} top-k {k} must be in [1, capacity={cap}]")
+        if self.router_prototypes <= 0:
+            _fail(f"{at}.router_prototypes", self.router_prototypes, "must be positive")
         if not 0.0 <= self.inject_share <= 1.0:
             _fail(f"{at}.inject_share", self.inject_share, "must be in [0, 1]")
         if self.router_temperature <= 0:

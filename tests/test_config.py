@@ -14,10 +14,27 @@ def test_defaults_are_valid():
     assert cfg.memory.num_levels == cfg.schedule.num_levels
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("jobs/configs/*.yaml")))
+SHIPPED = sorted(str(p.relative_to(ROOT)) for pattern in ("jobs/configs/*.yaml", "benchmarks/configs/*.yaml")
+                 for p in ROOT.glob(pattern))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_every_shipped_yaml_loads(path):
     cfg = load_config(ROOT / path)
     assert isinstance(cfg, SleepConfig)
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.startswith("benchmarks/")])
+def test_benchmark_windows_do_not_mark_task_boundaries(path):
+    # METHOD.md section 1: the learner is never told where a task ends. A window that divides a
+    # task's wake steps would consolidate exactly at every task boundary.
+    cfg = load_config(ROOT / path)
+    if cfg.data.stream == "jsonl":
+        return  # a file's task sizes are not in the config
+    per_task = -(-cfg.data.train_per_task // cfg.data.batch_size) * cfg.run.epochs_per_task
+    for level in range(1, cfg.schedule.num_levels):
+        w = cfg.schedule.window(level)
+        assert w == 0 or (per_task % w and w % per_task), (level, w, per_task)
 
 
 def test_shipped_yamls_exist():

@@ -78,8 +78,11 @@ class ExpertPool(nn.Module):
         self.sequence_routing = cfg.routing == "sequence"
         self.A = nn.ParameterList(nn.Parameter(torch.empty(dim, self.rank)) for _ in range(self.capacity))
         self.B = nn.ParameterList(nn.Parameter(torch.empty(self.rank, dim)) for _ in range(self.capacity))
-        # Router entry per expert: a fixed key (cosine) or a trained row (linear).
-        self.router = nn.ParameterList(nn.Parameter(torch.empty(dim)) for _ in range(self.capacity))
+        # Router entry per expert: fixed prototype keys (cosine; (P, d), rows of zeros unused) or
+        # a trained row (linear; (1, d)).
+        self.prototypes = cfg.router_prototypes if cfg.router == "cosine" else 1
+        self.router = nn.ParameterList(nn.Parameter(torch.empty(self.prototypes, dim))
+                                       for _ in range(self.capacity))
         self.register_buffer("active", torch.zeros(self.capacity, dtype=torch.bool))
         self.register_buffer("usage", torch.zeros(self.capacity))  # routed gate mass, for merging
         self.register_buffer("inject", torch.zeros((), dtype=torch.bool))  # random-expert switch
@@ -114,11 +117,21 @@ class ExpertPool(nn.Module):
 
     @torch.no_grad()
     def activate(self, e: int, key: torch.Tensor | None = None) -> None:
-        """Make expert e routable; a cosine router gets its key from `key` (d,)."""
+        """Make expert e routable; a cosine router gets its keys from `key`: (d,) or (n, d), of
+        which at most `prototypes` rows, evenly spaced, are kept."""
         self.reset_expert(e)
         if key is not None:
-            self.router[e].copy_(key.to(self.router[e]))
+            self.set_keys(e, key)
         self.active[e] = True
+
+    @torch.no_grad()
+    def set_keys(self, e: int, keys: torch.Tensor) -> None:
+        keys = keys.reshape(-1, self.dim)  # (n, d)
+        keys = keys[(keys.abs().sum(-1) > 0)]
+        if len(keys) > self.prototypes:
+            keys = keys[torch.linspace(0, len(keys) - 1, self.prototypes).round().long()]
+        self.router[e].zero_()
+        self.router[e][:len(keys)].copy_(keys.to(self.router[e]))
 
     @torch.no_grad()
     def set_delta(self, e: int, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -137,8 +150,11 @@ class ExpertPool(nn.Module):
         merged = low_rank_sum([self.factors(keep), self.factors(drop)], [1.0, 1.0], self.rank)
         self.set_delta(keep, merged)
         total = self.usage[keep] + self.usage[drop]
-        w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
-        self.router[keep].copy_(w * self.router[keep] + (1 - w) * self.router[drop])
+        if self.prototypes > 1:  # the merged expert answers to (a sample of) both's prototypes
+            self.set_keys(keep, torch.cat([self.router[keep], self.router[drop]]))  # (2P, d) in
+        else:
+            w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
+            self.router[keep].copy_(w * self.router[keep] + (1 - w) * self.router[drop])
         self.usage[keep] = total
         self.reset_expert(drop)
 
@@ -171,18 +187,12 @@ class ExpertPool(nn.Module):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, E) gate weights; zero for unselected and inactive experts."""
-        keys = torch.stack(list(self.router))  # (E, d)
+        keys = torch.stack(list(self.router))  # (E, P, d)
         r = self.route_input(x)
         if self.router_kind == "cosine":
-            if self.center_keys:
-                # Compare what sets the active keys apart: hidden states share a large common
-                # direction, so raw cosines of task means are all close to 1.
-                active = self.active.to(keys.dtype)[:, None]  # (E, 1)
-                center = (keys * active).sum(0) / active.sum().clamp(min=1.0)  # (d,)
-                keys, r = keys - center, r - center
-            scores = F.normalize(r, dim=-1) @ F.normalize(keys, dim=-1).T / self.temperature
+            scores = self.prototype_scores(r, keys)
         else:
-            scores = r @ keys.T  # (B, T, E)
+            scores = r @ keys[:, 0].T  # (B, T, E)
         neg = torch.finfo(scores.dtype).min
         scores = scores.masked_fill(~self.active, neg)
         k = min(self.top_k, self.capacity)
@@ -200,6 +210,25 @@ class ExpertPool(nn.Module):
         if self.inject:
             weights = self.inject_random_expert(weights, selected)
         return weights
+
+    def prototype_scores(self, r: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, T, d), (E, P, d) -> (B, T, E): the best cosine / temperature of each expert's
+        prototypes (an all-zero row is unused; an expert without any scores 0).
+
+        With `center_keys`, inputs and prototypes are compared after subtracting the mean of
+        the level's active prototypes: hidden states share a large common direction, so raw
+        cosines of inputs of one format are all close to 1. Several prototypes per expert (the
+        inputs it was seeded on) let an input reach the expert that saw *its* entity, where one
+        mean key per expert only tells the tasks' average inputs apart.
+        """
+        used = (keys.abs().sum(-1) > 0) & self.active[:, None]  # (E, P)
+        if self.center_keys and bool(used.any()):
+            center = keys[used].mean(0)  # (d,)
+            keys, r = keys - center, r - center
+        cos = F.normalize(r, dim=-1) @ F.normalize(keys, dim=-1).flatten(0, 1).T  # (B, T, E*P)
+        cos = cos.unflatten(-1, keys.shape[:2]).masked_fill(~used, -2.0)  # (B, T, E, P)
+        best = cos.max(-1).values  # (B, T, E)
+        return torch.where(used.any(-1), best, torch.zeros_like(best)) / self.temperature
 
     def inject_random_expert(self, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """Random expert injection (dreams): one active expert that routing did not select,

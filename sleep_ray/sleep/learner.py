@@ -197,10 +197,12 @@ class Learner:
         return seeding_data(prompts, completions, caps)
 
     def context_pairs(self, contexts: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
-        """Wake examples as (prompt, completion) ids, at most `seeding.num_samples` of them."""
-        step = max(1, len(contexts) // self.cfg.seeding.num_samples)
+        """Wake examples as (prompt, completion) ids, evenly spaced over `contexts`: as many as
+        D's samples or the router's prototypes, whichever is more."""
+        n = max(self.cfg.seeding.num_samples, self.cfg.memory.router_prototypes)
+        step = max(1, len(contexts) // n)
         return [encode_pair(self.tok, e.prompt, e.completion, self.cfg.data.max_length)
-                for e in contexts[::step][:self.cfg.seeding.num_samples]]
+                for e in contexts[::step][:n]]
 
     def heldout_score(self, examples: Sequence[Example]) -> float:
         return heldout_score(self.model, self.tok, examples, self.cfg.data.max_length)
@@ -350,17 +352,23 @@ class Learner:
 
     @torch.no_grad()
     def route_keys(self, pairs, target: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per memory layer: the key for a new expert, the mean hidden state entering the memory
-        over `pairs`' tokens (the window's wake contexts: fixed from the data it is seeded on,
-        so it cannot drift onto others),
+        """Per memory layer: the keys for a new expert, the mean hidden state entering the memory
+        over each of `pairs` (prototypes, (n, d)) or over all their tokens (one key, (d,)), from
+        the window's wake contexts: fixed from the data it is seeded on, so they cannot drift
+        onto others;
         and the mean gate (E,) of the target level's experts over the same tokens."""
         with M.capture_memory_inputs(self.model) as captured:
             _, _, batch = completion_logits(self.model, list(pairs), self.tok.pad_token_id)
         mask = batch.attention_mask.bool()  # (B, T)
         keys, gates = [], []
+        per_context = M.pools(self.model, target)[0].prototypes > 1
         for memory in M.memories(self.model):
             hidden = captured[memory.layer][0]  # (B, T, d)
-            keys.append(hidden[mask].mean(0))
+            if per_context:  # one prototype per context: its mean hidden state, (B, d)
+                m = mask[..., None].to(hidden.dtype)
+                keys.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
+            else:
+                keys.append(hidden[mask].mean(0))
             gates.append(memory.levels[target - 1].gates(hidden)[mask].mean(0))  # (E,)
         return keys, gates
 
