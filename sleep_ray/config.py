@@ -345,7 +345,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    stream: Literal["synthetic_languages", "clinc150", "jsonl"] = "synthetic_languages"
+    stream: Literal["synthetic_languages", "clinc150", "jsonl", "facts"] = "synthetic_languages"
     path: str | None = None  # JSONL file or CLINC150 folder
     num_tasks: int = 3
     train_per_task: int = 64

@@ -1,4 +1,5 @@
-"""Task streams: JSONL files, class-incremental CLINC150, synthetic novel languages.
+"""Task streams: JSONL files, class-incremental CLINC150, synthetic novel languages, invented
+facts.
 
 `load_stream(kind, **kwargs)` is the one entry point configs use; each kind's keyword
 arguments are those of its loader.
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 from sleep_ray.data.clinc150 import default_clinc150_root, load_clinc150, load_clinc150_hub
 from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
+from sleep_ray.data.facts import facts_stream
 from sleep_ray.data.jsonl import StreamError, load_jsonl_stream
 from sleep_ray.data.languages import base_corpus, make_languages, synthetic_language_stream
 from sleep_ray.config import ConfigError, DataConfig
 from sleep_ray.types import Stream
 
-STREAM_KINDS = ("jsonl", "clinc150", "synthetic_languages")
+STREAM_KINDS = ("jsonl", "clinc150", "synthetic_languages", "facts")
 
 
 def load_stream(kind: str, **kwargs) -> Stream:
@@ -27,6 +29,8 @@ def load_stream(kind: str, **kwargs) -> Stream:
         return load_clinc150(root, **kwargs)
     elif kind == "synthetic_languages":
         return synthetic_language_stream(**kwargs)
+    elif kind == "facts":
+        return facts_stream(**kwargs)
     raise ValueError(f"unknown stream kind {kind!r}; expected one of {STREAM_KINDS}")
 
 
@@ -47,6 +51,11 @@ def stream_from_config(cfg: DataConfig, seed: int = 0) -> Stream:
                            train_per_intent=per_intent(cfg.train_per_task),
                            val_per_intent=per_intent(cfg.val_per_task),
                            test_per_intent=per_intent(cfg.test_per_task), seed=seed)
+    if cfg.stream == "facts":
+        # The generator's default task sizes (12 entities x 3 attributes: 108 train, 36 val,
+        # 36 test records per task) and kinds; train/val/test_per_task do not apply. Other
+        # sizes, kinds or wordings: write a file with benchmarks/make_facts.py, data.stream=jsonl.
+        return facts_stream(num_tasks=cfg.num_tasks, seed=seed)
     return load_stream("synthetic_languages", num_languages=cfg.num_tasks,
                        train_per_task=cfg.train_per_task, val_per_task=cfg.val_per_task,
                        test_per_task=cfg.test_per_task, seed=seed)
@@ -59,6 +68,7 @@ __all__ = [
     "base_corpus",
     "corpus_hash",
     "default_clinc150_root",
+    "facts_stream",
     "load_clinc150",
     "load_clinc150_hub",
     "load_jsonl_stream",
