@@ -185,3 +185,18 @@ def test_wake_counts_router_usage_so_a_full_pool_merges_the_least_used():
     least = [int(i) for i in torch.argsort(usage, stable=True)[:2]]
     stats = consolidate(learner, 1, 2, seed=9)
     assert stats["consolidate/slot"] == least[1]
+
+
+def test_each_window_is_routed_to_its_own_expert():
+    # After two windows, the first window's inputs reach the first expert and mostly not the
+    # second, and the other way round (route share: mean gate over the inputs' tokens).
+    learner = make_learner()
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, first)
+    slot_a = consolidate(learner, 1, 2)["consolidate/slot"]
+    learn(learner, second)
+    stats = consolidate(learner, 1, 2, seed=2)
+    slot_b = stats["consolidate/slot"]
+    assert stats["consolidate/route_share"] == pytest.approx(learner.route_share(second, 2, slot_b))
+    assert learner.route_share(first, 2, slot_a) > 0.5 > learner.route_share(first, 2, slot_b)
+    assert learner.route_share(second, 2, slot_b) > 0.5 > learner.route_share(second, 2, slot_a)
