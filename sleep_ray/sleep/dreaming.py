@@ -1,7 +1,8 @@
 """Dreaming (REM, METHOD.md section 5): generate, select, test on LoRA copies, learn to dream.
 
-Given a task (C, tau): C is a few recent wake examples, tau the completion NLL on a held-out
-slice of the current task (lower is better).
+Given a task (C, tau): C is a few recent wake examples, tau the task's score on a held-out slice
+of the current task, higher is better (`tau_score`: accuracy among choices when the task has
+them, else minus the completion NLL).
 
 The steps are separate functions so that the Ray driver can run them on different actors
 (rollout: 1; scorer: 2-3; learner: 4-5); `Learner.dream` chains them in one process.
@@ -12,7 +13,8 @@ The steps are separate functions so that the Ray driver can run them on differen
    exact per-sample gradients (the expert's low-rank structure, else torch.func), then
    `select_dreams` keeps top-k plus b at random.
 3. `evaluate_on_lora_copies`: for each kept dream, an isolated LoRA copy (peft) fine-tuned on
-   that dream alone; reward 1 if it lowers tau below the unmodified model's.
+   that dream alone; reward 1 if its tau beats the unmodified model's by more than
+   `dreaming.tau_min_delta`.
 4. `rest_em_update`: SFT of the dreamer adapter (never the model's knowledge) on rewarded pairs.
 5. `apply_dreams`: SFT of the newest consolidated expert on the rewarded dreams.
 """
@@ -34,7 +36,7 @@ from sleep_ray.algo.importance import expert_grad_norms
 from sleep_ray.algo.selection import tau_improvement_reward
 from sleep_ray.config import DreamingConfig
 from sleep_ray.data.collate import collate_pairs
-from sleep_ray.eval.evaluate import completion_nll
+from sleep_ray.eval.evaluate import completion_nll, heldout_score
 from sleep_ray.model import memory as M
 from sleep_ray.sleep.generation import sample
 from sleep_ray.sleep.seeding import step_if_finite
@@ -141,7 +143,7 @@ def evaluate_on_lora_copies(model: nn.Module, tok: PreTrainedTokenizerBase, drea
     One copy of the model per phase carries a LoRA adapter that is reset to the same initial
     weights before each dream: every dream is tested in isolation, on the same footing.
     """
-    base_tau = completion_nll(model, tok, tau_examples, max_length)
+    base_tau = tau_score(model, tok, tau_examples, max_length)
     scorer = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -163,11 +165,19 @@ def evaluate_on_lora_copies(model: nn.Module, tok: PreTrainedTokenizerBase, drea
                 p.copy_(p0)
         sft_steps(scorer, params, [(list(dream.context), list(dream.tokens))], tok.pad_token_id,
                   cfg.inner_steps, cfg.inner_lr)
-        tau = completion_nll(scorer, tok, tau_examples, max_length)
+        tau = tau_score(scorer, tok, tau_examples, max_length)
         taus.append(tau)
-        # tau is an NLL: the copy improves the task when its tau is lower.
-        rewards.append(tau_improvement_reward(-tau, -base_tau))
+        rewards.append(tau_improvement_reward(tau, base_tau, cfg.tau_min_delta))
     return rewards, base_tau, taus
+
+
+def tau_score(model: nn.Module, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
+              max_length: int) -> float:
+    """tau, higher is better: the task's own score (accuracy among choices) when every example
+    has choices, else minus the completions' mean per-token NLL."""
+    if examples and all(e.choices for e in examples):
+        return heldout_score(model, tok, examples, max_length)
+    return -completion_nll(model, tok, examples, max_length)
 
 
 def rest_em_update(model: nn.Module, rewarded: Sequence[Dream], cfg: DreamingConfig,

@@ -72,3 +72,9 @@ def test_rest_em_filter_keeps_rewarded_pairs_in_order():
     assert rest_em_filter(pairs, [0.5, 0.49, 0.7], threshold=0.5) == [("c0", "d0"), ("c2", "d2")]
     with pytest.raises(ValueError, match="3 pairs but 2"):
         rest_em_filter(pairs, [1.0, 0.0])
+
+
+def test_tau_improvement_below_min_delta_earns_nothing():
+    # 0.505 beats 0.5 by 0.005 < min_delta 0.01: no reward; by 0.125 (one of 8 examples): 1.
+    assert tau_improvement_reward(0.505, 0.5, min_delta=0.01) == 0.0
+    assert tau_improvement_reward(0.625, 0.5, min_delta=0.01) == 1.0

@@ -200,3 +200,14 @@ def test_each_window_is_routed_to_its_own_expert():
     assert stats["consolidate/route_share"] == pytest.approx(learner.route_share(second, 2, slot_b))
     assert learner.route_share(first, 2, slot_a) > 0.5 > learner.route_share(first, 2, slot_b)
     assert learner.route_share(second, 2, slot_b) > 0.5 > learner.route_share(second, 2, slot_a)
+
+
+def test_tau_is_the_task_score_when_the_task_has_one():
+    learner = make_learner()
+    pairs = word_pairs(learner.tok, 0, 10, "a")
+    learn(learner, pairs, steps=30)
+    model, tok = learner.model, learner.tok
+    assert dreaming.tau_score(model, tok, pairs, 64) == learner.heldout_score(pairs)  # accuracy
+    plain = [dataclasses.replace(e, choices=None) for e in pairs]
+    from sleep_ray.eval.evaluate import completion_nll
+    assert dreaming.tau_score(model, tok, plain, 64) == -completion_nll(model, tok, plain, 64)
