@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> str:
     from sleep_ray.baselines.config import BaselineConfig
     from sleep_ray.data import stream_from_config
     from sleep_ray.eval.report import write_report
+    from sleep_ray.model.build import describe_backbone
 
     overrides = list(args.overrides)
     if args.stream:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> str:
         (out / "raw.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
     command = "sleep-ray bench continual " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     header = {"stream": f"{cfg.data.stream} ({len(stream.tasks)} tasks: {', '.join(t.name for t in stream.tasks)})",
-              "model": f"{cfg.model.name_or_path} {cfg.model.arch} hidden {cfg.model.hidden_size} x {cfg.model.num_layers} layers",
+              "model": describe_backbone(cfg.model),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "wall time": f"{time.perf_counter() - t0:.0f} s for all methods"}
     text = write_report(out, results, [t.name for t in stream.tasks], command, header)

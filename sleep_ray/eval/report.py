@@ -193,11 +193,27 @@ def plot_phase_seconds(phase_seconds: Mapping[str, float], path: Path) -> None:
     plt.close(fig)
 
 
+def model_line(model: Mapping) -> str:
+    """The backbone with the loaded model's real sizes (`describe_backbone`: a pretrained model's
+    own config, not the config's tiny-model fields, which it ignores)."""
+    if not model:
+        return "?"
+    try:
+        import dataclasses
+
+        from sleep_ray.config import ModelConfig
+        from sleep_ray.model.build import describe_backbone
+
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return describe_backbone(ModelConfig(**{k: v for k, v in model.items() if k in names}))
+    except Exception:  # a config from another version: name only
+        return f"{model.get('name_or_path', '?')} {model.get('arch', '?')}"
+
+
 def config_lines(cfg: Mapping) -> list[str]:
     """The config fields a reader of a run report looks for first (config.yaml has the rest)."""
     g = lambda section, key: cfg.get(section, {}).get(key, "?")
-    return [f"- model: {g('model', 'name_or_path')} {g('model', 'arch')}, hidden {g('model', 'hidden_size')}"
-            f" x {g('model', 'num_layers')} layers",
+    return [f"- model: {model_line(cfg.get('model', {}))}",
             f"- memory: rank {g('memory', 'rank')}, capacity {g('memory', 'capacity')}, "
             f"top_k {g('memory', 'top_k')}, router {g('memory', 'router')}",
             f"- schedule: chunk sizes {g('schedule', 'chunk_sizes')}, windows {g('schedule', 'windows')}",
