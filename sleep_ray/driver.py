@@ -46,6 +46,7 @@ from sleep_ray.actors.scorer import ScorerWorker
 from sleep_ray.config import SleepConfig, check_resume_config, config_to_dict, save_config
 from sleep_ray.data import stream_from_config
 from sleep_ray.model.state import list_checkpoints, write_checkpoint
+from sleep_ray.preflight import check_run_dir
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.loop import RunRecord, task_batches, task_heldout, write_run
@@ -88,7 +89,8 @@ class SleepDriver:
         self.clock = CMSClock(cfg.schedule)
         self.record = RunRecord()
         self.position = Position()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Writable, with room for its checkpoints: refused here, before any actor starts.
+        check_run_dir(self.run_dir, cfg, keep=KEEP_CHECKPOINTS)
         if resume and self.checkpoints():  # before config.yaml is overwritten by this config
             check_resume_config(self.run_dir / "config.yaml", cfg)
         save_config(cfg, self.run_dir / "config.yaml")

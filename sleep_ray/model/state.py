@@ -6,11 +6,14 @@ mismatch with a message that names the difference. Nothing is ever unpickled.
 
 Also the crash-safe writes of a run folder: `write_atomic` (one file) and `write_checkpoint` (a
 checkpoint folder). Both write under a temporary name and rename, so a process killed mid-write
-leaves the previous file or checkpoint as it was.
+leaves the previous file or checkpoint as it was. A write that fails (a full disk, a folder that
+became read-only) removes its temporary file or folder, leaves the previous one as it was, and
+raises `RunDirError` naming the folder and the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,6 +31,12 @@ _SKIP = (".inject",)  # the dream switch is a mode, not memory
 
 class MemoryStateError(ValueError):
     """A memory state does not fit the model it is loaded into."""
+
+
+class RunDirError(ValueError):
+    """The run folder cannot take what the run writes: not writable, or not enough space (at
+    start, `sleep_ray.preflight`), or a write that failed mid-run. A user error: the command
+    line prints its one-line message (`sleep-ray: error: ...`) and exits with status 2."""
 
 
 def _memory_items(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,8 +87,12 @@ def save_memory_state(state: MemoryState, path: str | Path) -> Path:
     tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v) for k, v in state.tensors.items()}
     meta = dict(state.meta, bool_tensors=json.dumps(sorted(k for k, v in state.tensors.items()
                                                            if v.dtype == torch.bool)))
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(e, path, "the previous memory state, if any, is unchanged") from e
     return path
 
 
@@ -106,14 +119,33 @@ CHECKPOINT_PREFIX = "ckpt-"
 _TMP_PREFIX = ".tmp-"  # unfinished writes and folders being deleted; never read, removed later
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Every file of `write_atomic` and `write_checkpoint` is written here (tests make it fail)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _write_failed(e: OSError, target: Path, kept: str) -> RunDirError:
+    what = "no space left on the device" if e.errno in _NO_SPACE else (e.strerror or str(e))
+    return RunDirError(f"{target}: could not be written ({what}); {kept}")
+
+
 def write_atomic(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and `os.replace`: a
-    reader (or a resume after a kill) sees the old file or the new one, never half of one."""
+    reader (or a resume after a kill) sees the old file or the new one, never half of one. A
+    failed write (full disk) removes the temporary file and raises `RunDirError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(e, path, "the previous file, if any, is unchanged") from e
     return path
 
 
@@ -140,7 +172,9 @@ def write_checkpoint(directory: str | Path, name: str, files: dict[str, bytes],
 
     The files go into `.tmp-<name>-<pid>`, which is renamed to `name` once complete, so a kill at
     any moment leaves every earlier complete checkpoint loadable. Leftovers of a killed writer are
-    removed first; `keep` keeps only that many newest checkpoints.
+    removed first; `keep` keeps only that many newest checkpoints. A write that fails (a full
+    disk) removes its temporary folder, deletes nothing, and raises `RunDirError` naming the
+    newest complete checkpoint, from which a rerun on the same folder resumes.
     """
     if not name.startswith(CHECKPOINT_PREFIX):
         raise ValueError(f"checkpoint name {name!r} must start with {CHECKPOINT_PREFIX!r}")
@@ -149,9 +183,16 @@ def write_checkpoint(directory: str | Path, name: str, files: dict[str, bytes],
     for leftover in directory.glob(f"{_TMP_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = directory / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    for file_name, data in files.items():
-        (tmp / file_name).write_bytes(data)
+    try:
+        tmp.mkdir()
+        for file_name, data in files.items():
+            _write_file(tmp / file_name, data)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = list_checkpoints(directory)
+        kept = (f"the newest complete checkpoint, {found[-1].name}, is intact: free space and "
+                "rerun on the same folder to resume from it" if found else "no earlier checkpoint")
+        raise _write_failed(e, directory / name, kept) from e
     final = directory / name
     if final.exists():  # the same point again (e.g. right after a resume); rename cannot replace
         _remove(final)  # a non-empty folder: between the two steps the earlier checkpoints remain
