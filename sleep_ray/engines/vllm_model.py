@@ -28,7 +28,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from sleep_ray.engines.vllm_checkpoint import CONFIG_KEY, memory_config_from_hf
-from sleep_ray.model.memory import LayerMemory
+from sleep_ray.model.memory import LayerMemory, link_routing
 
 
 def _add_flat_memory_hook(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,7 @@ class SleepMemoryMixin:
             layer.memory = memory.to(device=ref.device, dtype=ref.dtype)
             object.__setattr__(layer.mlp, "_sleep_memory", layer.memory)
             layer.mlp.register_forward_hook(_add_flat_memory_hook)
+        link_routing([m for m in self.modules() if isinstance(m, LayerMemory)], cfg.shared_routing)
 
     def _memory_targets(self) -> dict[str, torch.Tensor]:
         named = dict(self.named_parameters())

@@ -87,6 +87,10 @@ class ExpertPool(nn.Module):
         self.register_buffer("usage", torch.zeros(self.capacity))  # routed gate mass, for merging
         self.register_buffer("inject", torch.zeros((), dtype=torch.bool))  # random-expert switch
         self.track_usage = False
+        # Shared routing (`memory.shared_routing`, see `link_routing`): the first memory layer's
+        # pool of this level decides (`routes`) and leaves its gates in `shared` for the others.
+        self.routes = True
+        self.shared: dict[int, torch.Tensor] | None = None
         self.route_mask: torch.Tensor | None = None  # (B, T_total) real tokens, sequence routing
         self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
         for e in range(self.capacity):
@@ -242,8 +246,22 @@ class ExpertPool(nn.Module):
         share = self.inject_share * has_extra.to(weights.dtype)  # (B, T, 1)
         return weights * (1 - share) + extra * share
 
+    def routed_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, E): this pool's own gates, or, with shared routing, those the
+        routing layer computed for the same tokens in this forward pass."""
+        if self.shared is None:
+            return self.gates(x)
+        if self.routes:
+            self.shared[self.level] = g = self.gates(x)
+            return g
+        g = self.shared.get(self.level)
+        if g is None or g.shape[:2] != x.shape[:2]:
+            raise RuntimeError(f"shared routing: layer {self.layer} level {self.level} ran before "
+                               "the routing layer in this forward pass")
+        return g
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gates(x)  # (B, T, E)
+        g = self.routed_gates(x)  # (B, T, E)
         if self.track_usage:
             self.usage += g.detach().sum(dim=(0, 1)).to(self.usage)
         A = torch.stack(list(self.A))  # (E, d, r)
@@ -296,6 +314,19 @@ def _route_mask_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         pool.route_mask = mask
 
 
+def link_routing(memories: list[LayerMemory], shared: bool) -> None:
+    """With `shared`, the first memory layer routes for every layer: each token reaches the same
+    experts at every depth (independent decisions at 30 layers would mix two experts' halves on
+    most inputs even at 90% per-layer accuracy). Layers run in order, so the first memory layer
+    has always decided before the others read its gates."""
+    table: dict[int, torch.Tensor] = {}
+    ordered = sorted(memories, key=lambda m: m.layer)
+    for i, memory in enumerate(ordered):
+        for pool in memory.levels:
+            pool.shared = table if shared else None
+            pool.routes = i == 0 or not shared
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (`model.model.layers` and kin)."""
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
@@ -334,6 +365,7 @@ def attach_memory(model: nn.Module, cfg: MemoryConfig, seed: int = 0) -> list[La
         memories.append(memory)
     for memory in memories:
         memory.levels[0].activate(0)
+    link_routing(memories, cfg.shared_routing)
     if cfg.routing == "sequence":
         object.__setattr__(model, "_sleep_pools", [p for m in memories for p in m.levels])
         model.register_forward_pre_hook(_route_mask_hook, with_kwargs=True)

@@ -346,9 +346,17 @@ class Learner:
         with M.capture_memory_inputs(self.model) as captured:
             _, _, batch = completion_logits(self.model, pairs, self.tok.pad_token_id)
         mask = batch.attention_mask.bool()  # (B, T)
-        shares = [float(memory.levels[level - 1].gates(captured[memory.layer][0])[mask][:, slot].mean())
-                  for memory in M.memories(self.model)]
+        shares = [float(g[mask][:, slot].mean()) for g in self.layer_gates(captured, level)]
         return sum(shares) / len(shares)
+
+    def layer_gates(self, captured: dict[int, list[torch.Tensor]], level: int) -> list[torch.Tensor]:
+        """(B, T, E) gates of `level` at each memory layer for captured memory inputs: the first
+        layer's at every layer under shared routing, as the forward pass uses them."""
+        mems = M.memories(self.model)
+        if self.cfg.memory.shared_routing:
+            first = mems[0]
+            return [first.levels[level - 1].gates(captured[first.layer][0])] * len(mems)
+        return [m.levels[level - 1].gates(captured[m.layer][0]) for m in mems]
 
     @torch.no_grad()
     def route_keys(self, pairs, target: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -360,7 +368,7 @@ class Learner:
         with M.capture_memory_inputs(self.model) as captured:
             _, _, batch = completion_logits(self.model, list(pairs), self.tok.pad_token_id)
         mask = batch.attention_mask.bool()  # (B, T)
-        keys, gates = [], []
+        keys = []
         per_context = M.pools(self.model, target)[0].prototypes > 1
         for memory in M.memories(self.model):
             hidden = captured[memory.layer][0]  # (B, T, d)
@@ -369,7 +377,7 @@ class Learner:
                 keys.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
             else:
                 keys.append(hidden[mask].mean(0))
-            gates.append(memory.levels[target - 1].gates(hidden)[mask].mean(0))  # (E,)
+        gates = [g[mask].mean(0) for g in self.layer_gates(captured, target)]  # (E,) per layer
         return keys, gates
 
     # ---------------------------------------------------------------- sleep: dreaming
