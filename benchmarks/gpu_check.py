@@ -187,7 +187,11 @@ def check_deepspeed_zero2(emit) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check.jsonl", help="JSON lines file the results are appended to")
+    from sleep_ray.cli import add_logging_args, setup_logging
+
+    add_logging_args(ap)
     args = ap.parse_args(argv)
+    setup_logging(args.log_level)  # DeepSpeed and transformers quiet unless --log-level DEBUG
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

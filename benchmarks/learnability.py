@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="override one field (repeatable)")
     ap.add_argument("--epochs", type=int, default=6, help="epochs over the task (default: 6)")
     ap.add_argument("--kinds", default="memory,lora,full", help="comma list of memory, lora, full")
+    from sleep_ray.cli import add_logging_args, setup_logging
+
+    add_logging_args(ap)
     args = ap.parse_args(argv)
+    setup_logging(args.log_level)
     from sleep_ray.config import load_config
     from sleep_ray.data import stream_from_config
     from sleep_ray.sleep.pretrain import build_sleep_model

@@ -137,11 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--stream", action="store_true", help="stream each reply (SSE)")
     p.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    from sleep_ray.cli import add_logging_args
+
+    add_logging_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from sleep_ray.cli import setup_logging
+
+    setup_logging(args.log_level)  # before Ray Serve and vLLM start their processes
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     url, stop = args.url, None

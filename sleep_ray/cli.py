@@ -17,7 +17,6 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -48,15 +47,20 @@ def add_logging_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> N
     given before the subcommand name with its default."""
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
                    default=argparse.SUPPRESS if suppress else "INFO",
-                   help="logging level; INFO shows per-phase timings (default: INFO)")
+                   help="logging level; INFO shows per-phase timings and keeps vLLM, Ray, DeepSpeed and "
+                        "transformers to their warnings or errors; DEBUG gives them back everything "
+                        "(default: INFO)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="show the full traceback on failure (also: SLEEP_RAY_DEBUG=1)")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """One format for the CLI and the jobs: time, level, logger, message."""
-    logging.basicConfig(level=getattr(logging, level.upper()), datefmt="%H:%M:%S",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str | None = "INFO") -> None:
+    """One format for the CLI, the jobs and the benchmarks (time, level, logger, message), with
+    vLLM, Ray, DeepSpeed and transformers kept quiet unless `level` is DEBUG (`sleep_ray.logs`).
+    Call it before anything starts an engine: its variables reach the engines' processes."""
+    from sleep_ray.logs import setup_logging as setup
+
+    setup(level)
 
 
 def guarded(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
