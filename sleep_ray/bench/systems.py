@@ -2,6 +2,7 @@
 
     python benchmarks/systems.py --output runs/bench_systems            # full (< 15 min, 2 cores)
     python benchmarks/systems.py --output /tmp/s --quick --rows importance,overhead
+    python benchmarks/systems.py --output runs/bench_systems --profile  # + py-spy / torch profiler notes
 
 Rows (each a pair measured in the same run, on the same model and data; `Row` in rows.py):
 
@@ -15,7 +16,9 @@ Rows (each a pair measured in the same run, on the same model and data; `Row` in
 6. peak resident memory of each actor type (same run as 5)
 
 Ratio convention: bigger is better. Row 5's ratio is goal/measured overhead fraction (goal
-overhead 0.10, so ratio >= 1 meets it). Row 6 has no goal (ratio and goal n/a). This module owns
+overhead 0.10, so ratio >= 1 meets it). Row 6 has no goal (ratio and goal n/a). `--profile` adds
+py-spy's view of the driver to row 5 and the torch profiler's top ops to row 3 (off by default:
+py-spy takes CPU from the run row 5 measures and needs ptrace rights). This module owns
 the orchestration: `run_systems` writes systems.md and systems.json to the output
 folder and prints the table. A row function that raises becomes a failed row, not a failed run.
 """
@@ -39,7 +42,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sleep_ray.bench.rows import Row
-from sleep_ray.bench.systems_driver import memory_row, overhead_row, ray_run
+from sleep_ray.bench.systems_driver import check_profiler, memory_row, overhead_row, ray_run
 from sleep_ray.bench.systems_learner import importance_rows, seeding_rows
 
 NAN = float("nan")
@@ -87,26 +90,27 @@ def failed_row(group: RowGroup, error: BaseException) -> Row:
 class _RayRunCache:
     """Rows 5 and 6 come from one Ray run: made by whichever of them runs first."""
 
-    def __init__(self, quick: bool, workdir: Path):
-        self.quick, self.workdir, self.run = quick, workdir, None
+    def __init__(self, quick: bool, workdir: Path, profile: bool = False):
+        self.quick, self.workdir, self.profile, self.run = quick, workdir, profile, None
 
     def get(self) -> dict:
         if self.run is None:
-            self.run = ray_run(self.quick, self.workdir)
+            self.run = ray_run(self.quick, self.workdir, self.profile)
         return self.run
 
 
-def row_functions(quick: bool, workdir: Path) -> dict[str, Callable[[], list[Row]]]:
-    cache = _RayRunCache(quick, workdir)
+def row_functions(quick: bool, workdir: Path, profile: bool = False) -> dict[str, Callable[[], list[Row]]]:
+    cache = _RayRunCache(quick, workdir, profile)
     return {"rollout": lambda: _rollout_rows(quick), "publish": lambda: _publish_rows(quick),
-            "importance": lambda: importance_rows(quick), "seeding": lambda: seeding_rows(quick),
+            "importance": lambda: importance_rows(quick, profile), "seeding": lambda: seeding_rows(quick),
             "overhead": lambda: [overhead_row(cache.get())],
             "memory": lambda: [memory_row(cache.get())]}
 
 
-def run_rows(keys: Sequence[str], quick: bool, workdir: Path) -> list[tuple[RowGroup, Row, float]]:
+def run_rows(keys: Sequence[str], quick: bool, workdir: Path,
+             profile: bool = False) -> list[tuple[RowGroup, Row, float]]:
     """(group, row, seconds the group took) for every selected group, in the issue's order."""
-    fns = row_functions(quick, workdir)
+    fns = row_functions(quick, workdir, profile)
     out = []
     for group in ROW_GROUPS:
         if group.key not in keys:
@@ -173,9 +177,11 @@ def table(results: Sequence[tuple[RowGroup, Row, float]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(results, command: str, quick: bool, seconds: float) -> str:
+def markdown(results, command: str, quick: bool, seconds: float, profile: bool = False) -> str:
     head = [f"# sleep_ray systems benchmark{' (quick)' if quick else ''}", "",
             f"- command: `{command}`", f"- machine: {machine()}",
+            "- profiling: " + ("py-spy on the driver (row 5), torch profiler (row 3)" if profile
+                               else "off (--profile turns on py-spy and the torch profiler)"),
             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
             f"- wall time: {seconds:.0f} s; ratios are oriented bigger = better; row 5's ratio is "
             "0.10 / measured overhead fraction (>= 1 meets the goal); row 6 has no goal", "",
@@ -199,7 +205,7 @@ def _clean(x):
     return str(x)
 
 
-def to_json(results, command: str, quick: bool, seconds: float) -> dict:
+def to_json(results, command: str, quick: bool, seconds: float, profile: bool = False) -> dict:
     rows = []
     for group, r, secs in results:
         d = r.to_dict() | {"index": group.index, "group": group.key, "group_seconds": secs}
@@ -207,7 +213,7 @@ def to_json(results, command: str, quick: bool, seconds: float) -> dict:
             d["goal_met"] = None
         rows.append(d)
     return _clean({"command": command, "machine": machine(), "versions": versions(),
-                   "quick": quick, "seconds": seconds, "rows": rows})
+                   "quick": quick, "profile": profile, "seconds": seconds, "rows": rows})
 
 
 def _setup_env() -> None:
@@ -218,25 +224,30 @@ def _setup_env() -> None:
 
 
 def run_systems(output_dir: str | Path, quick: bool = False,
-                rows: Sequence[str] | None = None, command: str | None = None) -> list[Row]:
+                rows: Sequence[str] | None = None, command: str | None = None,
+                profile: bool = False) -> list[Row]:
     """Run the selected row groups (all by default), write systems.md and systems.json into
-    `output_dir`, print the table; returns the rows."""
+    `output_dir`, print the table; returns the rows. `profile`: py-spy on the driver (row 5) and
+    the torch profiler (row 3), checked for before anything runs."""
     _setup_env()
     keys = list(rows) if rows else [g.key for g in ROW_GROUPS]
     unknown = sorted(set(keys) - {g.key for g in ROW_GROUPS})
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {[g.key for g in ROW_GROUPS]}")
+    if profile and {"overhead", "memory"} & set(keys):
+        check_profiler()  # now, not after minutes of rows 1-4
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(["python benchmarks/systems.py", "--output", shlex.quote(str(out)),
-                                   *(["--quick"] if quick else []),
+                                   *(["--quick"] if quick else []), *(["--profile"] if profile else []),
                                    *(["--rows", ",".join(keys)] if rows else [])])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sleep_ray_systems_", dir=out) as work:
-        results = run_rows(keys, quick, Path(work))
+        results = run_rows(keys, quick, Path(work), profile)
     seconds = time.perf_counter() - t0
-    (out / "systems.md").write_text(markdown(results, command, quick, seconds))
-    (out / "systems.json").write_text(json.dumps(to_json(results, command, quick, seconds), indent=2))
+    (out / "systems.md").write_text(markdown(results, command, quick, seconds, profile))
+    (out / "systems.json").write_text(json.dumps(to_json(results, command, quick, seconds, profile),
+                                                 indent=2))
     print(table(results))
     print(f"[systems] wrote {out / 'systems.md'} and systems.json in {seconds:.0f} s")
     return [r for _, r, _ in results]
@@ -248,12 +259,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (CI smoke test)")
     ap.add_argument("--rows", default=None,
                     help=f"comma list of {', '.join(g.key for g in ROW_GROUPS)} (default: all)")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the driver during rows 5-6 and torch-profile row 3's batched pass "
+                         "(notes in the details; needs py-spy, in the dev extra)")
+    from sleep_ray.cli import add_logging_args
+
+    add_logging_args(ap, suppress=True)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    from sleep_ray.cli import setup_logging
+
+    setup_logging(getattr(args, "log_level", None))  # before vLLM or Ray start their processes
     keys = [k.strip() for k in args.rows.split(",") if k.strip()] if args.rows else None
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python benchmarks/systems.py", *map(shlex.quote, argv)])
-    return run_systems(args.output, quick=args.quick, rows=keys, command=command)
+    return run_systems(args.output, quick=args.quick, rows=keys, command=command, profile=args.profile)

@@ -20,13 +20,15 @@ class Sizes:
     seeding_steps: int  # row 4: optimizer steps per seeding run (ours and TRL's)
     num_tasks: int  # rows 5-6: tasks of the stream the Ray run learns (one sleep per task)
     rollout_backend: str  # rows 5-6: vLLM for the measurement; HF in the smoke test (fast start)
-    profile: bool  # py-spy the driver / torch-profile the importance pass
+    profile: bool  # py-spy the driver / torch-profile the importance pass (--profile)
 
     @classmethod
-    def of(cls, quick: bool) -> Sizes:
+    def of(cls, quick: bool, profile: bool = False) -> Sizes:
+        """Profiling is asked for (`--profile`), never implied: py-spy sampling the driver takes
+        CPU from the run it measures (row 5), and it needs ptrace rights on the process."""
         if quick:
-            return cls(reps=1, seeding_steps=2, num_tasks=1, rollout_backend="hf", profile=False)
-        return cls(reps=3, seeding_steps=20, num_tasks=2, rollout_backend="vllm", profile=True)
+            return cls(reps=1, seeding_steps=2, num_tasks=1, rollout_backend="hf", profile=profile)
+        return cls(reps=3, seeding_steps=20, num_tasks=2, rollout_backend="vllm", profile=profile)
 
 
 def tiny_config(quick: bool, overrides: Sequence[str] = ()) -> SleepConfig:

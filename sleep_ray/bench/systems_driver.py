@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -115,19 +117,39 @@ def overhead_fraction(breakdown: dict[str, dict], phases: Sequence[str]) -> floa
     return sum(breakdown[p]["overhead_s"] for p in phases) / wall if wall else NAN
 
 
+def pyspy_path() -> str | None:
+    """The `py-spy` executable: beside this Python first (a venv's bin/, which is not on PATH when
+    a script runs as `.venv/bin/sleep-ray` without activating the venv), then on PATH."""
+    here = os.path.dirname(sys.executable)  # not resolved: a venv's python is a symlink
+    return shutil.which("py-spy", path=os.pathsep.join([here, os.environ.get("PATH", os.defpath)]))
+
+
+def check_profiler() -> str:
+    """The py-spy executable `--profile` needs; a FileNotFoundError saying how to get it if none."""
+    path = pyspy_path()
+    if path is None:
+        raise FileNotFoundError("--profile needs py-spy, found neither beside "
+                                f"{sys.executable} nor on PATH: `pip install py-spy` (the dev "
+                                "extra has it), or run without --profile")
+    return path
+
+
 class _PySpy:
     """`py-spy record --nonblocking` on this process (the driver) while the block runs; the
-    leaf functions it saw most (idle samples dropped: a thread blocked in ray.get is idle)."""
+    leaf functions it saw most (idle samples dropped: a thread blocked in ray.get is idle).
+    `error` says why there are none when py-spy could not sample (e.g. no ptrace rights)."""
 
     def __init__(self, out: Path, enabled: bool):
-        self.out, self.enabled, self.proc = out, enabled, None
+        self.out, self.enabled, self.proc, self.error = out, enabled, None, None
+        self.log = out.with_suffix(".log")  # py-spy's own output
 
     def __enter__(self):
         if self.enabled:
-            self.proc = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(os.getpid()), "--nonblocking", "--rate", str(PYSPY_RATE),
-                 "--format", "raw", "-o", str(self.out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with self.log.open("w") as log:
+                self.proc = subprocess.Popen(
+                    [check_profiler(), "record", "--pid", str(os.getpid()), "--nonblocking",
+                     "--rate", str(PYSPY_RATE), "--format", "raw", "-o", str(self.out)],
+                    stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def __exit__(self, *exc):
@@ -137,6 +159,10 @@ class _PySpy:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+            if not self.out.exists():
+                said = " ".join(self.log.read_text().split())[-300:] if self.log.exists() else ""
+                self.error = f"py-spy exited with status {self.proc.returncode}: {said or 'no output'}"
 
     def top(self, k: int = 5) -> list[str]:
         """Busy seconds of the driver inside the cycle's phases, and the innermost frames that
@@ -196,16 +222,17 @@ def _object_store_bandwidth(nbytes: int) -> float:
     return nbytes / statistics.median(seconds)
 
 
-def ray_run(quick: bool, workdir: Path) -> dict:
+def ray_run(quick: bool, workdir: Path, profile: bool = False) -> dict:
     """The tiny default over Ray (SleepDriver), with actor telemetry and peak RSS; the numbers
-    behind rows 5 and 6. Starts a local Ray instance unless one is up, and stops what it started."""
+    behind rows 5 and 6 (`profile`: py-spy samples the driver meanwhile). Starts a local Ray
+    instance unless one is up, and stops what it started."""
     import ray
 
     from sleep_ray.actors.telemetry import peak_rss_bytes, reset_peak_rss
     from sleep_ray.driver import init_ray
     from sleep_ray.bench.systems_rollout import qwen3_8b_footprint
 
-    sizes = Sizes.of(quick)
+    sizes = Sizes.of(quick, profile)
     cfg = tiny_config(quick, [f"data.num_tasks={sizes.num_tasks}", "run.engine=ray",
                               f"rollout.backend={sizes.rollout_backend}"])
     started = not ray.is_initialized()
@@ -229,7 +256,7 @@ def ray_run(quick: bool, workdir: Path) -> dict:
                 "start_s": start_s, "loop_s": loop_s, "cycles": driver.record.cycles,
                 "driver_peak_rss": peak_rss_bytes(children=False), "driver_peak_reset": peak_reset,
                 "driver_rss_before": rss_before,
-                "pyspy_top": spy.top(),
+                "pyspy_top": spy.top(), "pyspy_error": spy.error, "profiled": sizes.profile,
                 "state_8b_bytes": state_8b, "object_store_bytes_per_s": bandwidth}
     finally:
         if driver is not None:
@@ -320,6 +347,10 @@ def overhead_row(run: dict) -> Row:
     if run["pyspy_top"]:
         notes.append("py-spy on the driver (non-idle samples; idle = blocked waiting on actors): "
                      + "; ".join(run["pyspy_top"]))
+    elif run.get("pyspy_error"):
+        notes.append(f"no py-spy profile of the driver: {run['pyspy_error']}")
+    elif not run.get("profiled"):
+        notes.append("driver not profiled (--profile: py-spy samples it during the run)")
     worst = max(CYCLE_PHASES, key=lambda p: bd[p]["overhead_s"])
     return Row(name="driver overhead: share of the wake/sleep cycle outside actor work (tiny, Ray)",
                baseline_label="goal overhead fraction", baseline=OVERHEAD_GOAL,

@@ -85,9 +85,10 @@ def _top_ops(fn: Callable[[], object], k: int = 4) -> list[str]:
     return [f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ms x{e.count}" for e in ops]
 
 
-def importance_rows(quick: bool) -> list[Row]:
-    """Row 3 at the config's m (dreaming.num_dreams), and m = 4x that as a detail."""
-    sizes, cfg = Sizes.of(quick), tiny_config(quick)
+def importance_rows(quick: bool, profile: bool = False) -> list[Row]:
+    """Row 3 at the config's m (dreaming.num_dreams), and m = 4x that as a detail; `profile`: the
+    torch profiler's top ops of the batched pass as a note."""
+    sizes, cfg = Sizes.of(quick, profile), tiny_config(quick)
     with _threads(1):
         main = _importance_pair(cfg, cfg.dreaming.num_dreams, sizes.reps)
         _, fn = main.pop("_profile")
