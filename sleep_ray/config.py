@@ -377,7 +377,9 @@ class LearnerConfig:
 class DataConfig:
     stream: Literal["synthetic_languages", "clinc150", "jsonl", "facts"] = "synthetic_languages"
     path: str | None = None  # JSONL file or CLINC150 folder
-    num_tasks: int = 3
+    # Tasks to take: None = a JSONL file's every task, 3 of a generated stream or CLINC150; a
+    # number cuts a file's stream to its first tasks (logged, and said in the report).
+    num_tasks: int | None = None
     train_per_task: int = 64
     val_per_task: int = 16
     test_per_task: int = 16

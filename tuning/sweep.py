@@ -173,12 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--test-eval", action="store_true",
                    help="also score test splits and report test_acc (never the objective)")
+    from sleep_ray.cli import add_logging_args
+
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None):
     """Run (or resume) the sweep; returns (ResultGrid, DataFrame)."""
     args = build_parser().parse_args(argv)
+    from sleep_ray.cli import setup_logging
+
+    setup_logging(args.log_level)  # before `import ray`: its default level is read then
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -188,6 +194,9 @@ def main(argv: list[str] | None = None):
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     base = load_config(config_path, args.overrides)  # fail here, not in every trial
+    from sleep_ray.data import stream_from_config
+
+    tasks = len(stream_from_config(base.data, base.run.seed).tasks)  # what every trial learns
     storage = Path(args.storage).resolve()
     exp_dir = storage / args.name
 
@@ -207,8 +216,8 @@ def main(argv: list[str] | None = None):
     if args.resume and tune.Tuner.can_restore(str(exp_dir)):
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.data.num_tasks,
-                                  grace_period=min(args.grace_period, base.data.num_tasks),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=tasks,
+                                  grace_period=min(args.grace_period, tasks),
                                   reduction_factor=args.reduction_factor)
         search = BasicVariantGenerator(max_concurrent=args.max_concurrent,
                                        random_state=args.seed)
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None):
     df = write_results(results, exp_dir)
     # ASHA-stopped trials report ACC over fewer tasks (usually higher): the best is chosen only
     # among trials that learned the whole stream.
-    done = df[df["task"] == base.data.num_tasks] if "task" in df.columns else df.iloc[:0]
+    done = df[df["task"] == tasks] if "task" in df.columns else df.iloc[:0]
     if len(done):
         best = done.loc[done["val_acc"].idxmax()]
         print(f"best (full stream) val_acc={best['val_acc']:.4f} trial={best['trial_id']} "

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "C(1) steps; every window must be a multiple of it)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--output", required=True, help="output folder")
+    from sleep_ray.cli import add_logging_args
+
+    add_logging_args(ap, suppress=True)
     return ap.parse_args(argv)
 
 
@@ -137,10 +140,14 @@ def run_one(cfg, out: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    from sleep_ray.cli import setup_logging
+
+    setup_logging(getattr(args, "log_level", None))  # before torch, ray or vllm start anything
     import torch
 
-    base = list(args.overrides) + ([f"data.stream={args.stream}"] if args.stream else []) + (
-        [f"data.path={args.path}"] if args.path else [])
+    from sleep_ray.data import stream_overrides
+
+    base = stream_overrides(args.config, args.stream, args.path, list(args.overrides))
     levels = load_config(args.config, base).schedule.num_levels
     out = Path(args.output)
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -160,7 +167,11 @@ def main(argv: list[str] | None = None) -> str:
                 {f"{t}/{s}": v for (t, s), v in runs.items()}, indent=1, default=float))
     command = "sleep-ray bench consolidation " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    header = {"command": f"`{command}`",
+    from sleep_ray.config import config_to_dict
+    from sleep_ray.eval.report import stream_cut
+
+    cut = stream_cut(config_to_dict(load_config(args.config, base))["data"])
+    header = {"command": f"`{command}`", **({"stream cut": cut} if cut else {}),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "wall time": f"{time.perf_counter() - t0:.0f} s"}
     text = markdown(summarize(runs), header)

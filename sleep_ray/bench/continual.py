@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", default=None, help="YAML config of the Sleep run and the shared model")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--output", required=True, help="output folder")
+    from sleep_ray.cli import add_logging_args
+
+    add_logging_args(ap, suppress=True)
     return ap.parse_args(argv)
 
 
@@ -88,18 +91,17 @@ def select_methods(spec: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    from sleep_ray.cli import setup_logging
+
+    setup_logging(getattr(args, "log_level", None))  # before torch, ray or vllm start anything
     import torch
 
     from sleep_ray.baselines.config import BaselineConfig
-    from sleep_ray.data import stream_from_config
+    from sleep_ray.data import stream_from_config, stream_overrides
     from sleep_ray.eval.report import write_report
     from sleep_ray.model.build import describe_backbone
 
-    overrides = list(args.overrides)
-    if args.stream:
-        overrides.append(f"data.stream={args.stream}")
-    if args.path:
-        overrides.append(f"data.path={args.path}")
+    overrides = stream_overrides(args.config, args.stream, args.path, list(args.overrides))
     cfg = load_config(args.config, overrides)
     chosen = select_methods(args.methods)
     out = Path(args.output)
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> str:
         (out / "raw.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
     command = "sleep-ray bench continual " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     header = {"stream": f"{cfg.data.stream} ({len(stream.tasks)} tasks: {', '.join(t.name for t in stream.tasks)})",
+              **({"stream cut": stream.meta["cut"]} if stream.meta.get("cut") else {}),
               "model": describe_backbone(cfg.model),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "wall time": f"{time.perf_counter() - t0:.0f} s for all methods"}

@@ -210,15 +210,36 @@ def model_line(model: Mapping) -> str:
         return f"{model.get('name_or_path', '?')} {model.get('arch', '?')}"
 
 
-def config_lines(cfg: Mapping) -> list[str]:
-    """The config fields a reader of a run report looks for first (config.yaml has the rest)."""
+def stream_cut(data: Mapping) -> str | None:
+    """What `data.num_tasks` cut from a JSONL file's stream (`sleep_ray.data.cut_note`), the file
+    read again to count its tasks; None when nothing was cut (or the file is gone)."""
+    num, path = data.get("num_tasks"), data.get("path")
+    if data.get("stream") != "jsonl" or not num or not path:
+        return None
+    try:
+        from sleep_ray.config import DataConfig
+        from sleep_ray.data import cut_note
+        from sleep_ray.data.jsonl import load_jsonl_stream
+
+        return cut_note(num, len(load_jsonl_stream(path).tasks),
+                        DataConfig(stream="jsonl", path=path, num_tasks=num))
+    except Exception:  # moved or changed since the run: the data line still gives the count
+        return None
+
+
+def config_lines(cfg: Mapping, tasks: int | None = None) -> list[str]:
+    """The config fields a reader of a run report looks for first (config.yaml has the rest);
+    `tasks`: how many the run learned (else data.num_tasks). A cut JSONL stream gets its own line."""
     g = lambda section, key: cfg.get(section, {}).get(key, "?")
+    cut = stream_cut(cfg.get("data", {}))
+    source = f" {g('data', 'path')}" if g("data", "stream") in ("jsonl", "clinc150") and g("data", "path") else ""
     return [f"- model: {model_line(cfg.get('model', {}))}",
             f"- memory: rank {g('memory', 'rank')}, capacity {g('memory', 'capacity')}, "
             f"top_k {g('memory', 'top_k')}, router {g('memory', 'router')}",
             f"- schedule: chunk sizes {g('schedule', 'chunk_sizes')}, windows {g('schedule', 'windows')}",
-            f"- data: {g('data', 'stream')}, {g('data', 'num_tasks')} tasks x {g('data', 'train_per_task')}"
-            f" train examples, batch {g('data', 'batch_size')}",
+            f"- data: {g('data', 'stream')}{source}, {tasks if tasks is not None else g('data', 'num_tasks') or 'all'}"
+            f" tasks x {g('data', 'train_per_task')} train examples, batch {g('data', 'batch_size')}",
+            *([f"- **stream cut**: {cut}"] if cut else []),
             f"- engine: {g('run', 'engine')}"
             + (f" (rollout {g('rollout', 'backend')}, learner {g('learner', 'backend')})"
                if g('run', 'engine') == "ray" else "")
@@ -228,8 +249,9 @@ def config_lines(cfg: Mapping) -> list[str]:
 def run_report_markdown(summary: Mapping, task_names: Sequence[str], plots: Sequence[str]) -> str:
     """report.md of one run: config, ACC/BWT/retention, R, seconds per phase, memory, plots."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = ["# Sleep run", ""] + config_lines(summary.get("config", {})) + ["", "## Continual learning", ""]
     R = summary.get("R") or []
+    tasks = len(R[0]) if R else (len(task_names) or None)
+    lines = ["# Sleep run", ""] + config_lines(summary.get("config", {}), tasks) + ["", "## Continual learning", ""]
     if R:
         lines.append(f"ACC **{fmt(summary['acc'])}**, BWT **{summary['bwt']:+.3f}**, mean forgetting "
                      f"{fmt(summary.get('mean_forgetting'))}, retention {fmt(summary.get('retention'))}")
