@@ -6,7 +6,7 @@ small one (sleeps at steps 4 and 8, each followed by a dream), with longer conso
 (`seeding.steps=12`) so that the second sleep lasts a second or two on a tiny model.
 
 Mid-sleep, from the files the driver writes anyway: a checkpoint exists (the first one is written
-after the first sleep) and metrics.jsonl holds a consolidation row (`seed/loss`) of a later step.
+after the first sleep) and metrics.jsonl holds a consolidation row (`consolidate/source`) of a later step.
 That row is written when the first consolidation of the second sleep is done: the driver is then
 in its second consolidation or its dream, and the sleep's own checkpoint does not exist yet
 (asserted after the kill). The kill is SIGKILL to the driver's process group; Ray's workers lead
@@ -38,7 +38,9 @@ OVERRIDES = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task
              "seeding.max_new_tokens=8", "seeding.group_size=2", "dreaming.num_dreams=4",
              "dreaming.top_k=1", "dreaming.num_random=1", "dreaming.max_new_tokens=8",
              "dreaming.inner_steps=2", "dreaming.tau_examples=4", "rollout.backend=hf",
-             "scorer.num_workers=2", "run.engine=ray"]
+             "scorer.num_workers=2", "run.engine=ray",
+             # seeding runs all its steps: a zero-initialised expert, no early stop
+             "memory.expert_init=zero", "seeding.tolerance=0.0", "seeding.patience=100"]
 RUN_TIMEOUT = 300  # seconds per run (about 40 on 2 shared cores)
 
 pytestmark = pytest.mark.slow
@@ -163,7 +165,7 @@ def _kill_mid_sleep(run_dir: Path, log: Path) -> int:
             done = _checkpoints(run_dir)  # before the rows: a row newer than the newest checkpoint
             if done:
                 newest = _step(done[-1])
-                asleep = [r["step"] for r in _rows(run_dir) if "seed/loss" in r and r["step"] > newest]
+                asleep = [r["step"] for r in _rows(run_dir) if "consolidate/source" in r and r["step"] > newest]
                 if asleep:
                     break
             assert proc.poll() is None, f"the run ended before it was killed:\n{_tail(log)}"

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "C(1) steps; every window must be a multiple of it)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--output", required=True, help="output folder")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: rebuild consolidation.md from the runs that --output's "
+                         "consolidation.json holds (e.g. after stopping a long benchmark)")
     from sleep_ray.cli import add_logging_args
 
     add_logging_args(ap, suppress=True)
@@ -152,7 +155,10 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.output)
     runs: dict[tuple[str, int], list[dict]] = {}
     t0 = time.perf_counter()
-    for transition in [t.strip() for t in args.transitions.split(",") if t.strip()]:
+    if args.table_only:
+        saved = json.loads((out / "consolidation.json").read_text())
+        runs = {(k.split("/")[0], int(k.split("/")[1])): v for k, v in saved.items()}
+    for transition in [] if args.table_only else [t.strip() for t in args.transitions.split(",") if t.strip()]:
         if transition not in TRANSITIONS:
             raise ValueError(f"--transitions: {transition!r} is not one of {TRANSITIONS}")
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> str:
     cut = stream_cut(config_to_dict(load_config(args.config, base))["data"])
     header = {"command": f"`{command}`", **({"stream cut": cut} if cut else {}),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-              "wall time": f"{time.perf_counter() - t0:.0f} s"}
+              "wall time": "see each run's metrics.jsonl" if args.table_only
+              else f"{time.perf_counter() - t0:.0f} s"}
     text = markdown(summarize(runs), header)
     (out / "consolidation.md").write_text(text)
     print(text)

@@ -266,7 +266,9 @@ class _PairCollator:
 def seeding_rows(quick: bool) -> list[Row]:
     """Row 4: knowledge seeding (LTI off: both optimize the same GKD objective) vs TRL."""
     sizes, cfg = Sizes.of(quick), tiny_config(quick)
-    scfg = replace(cfg.seeding, lti=False, steps=sizes.seeding_steps)
+    # Every step runs (no early stop at a tolerance), as TRL's trainer runs every step.
+    scfg = replace(cfg.seeding, lti=False, steps=sizes.seeding_steps, tolerance=0.0,
+                   patience=sizes.seeding_steps + 1)
     bs = cfg.data.batch_size
     ours, trl = [], []
     with _threads(1), tempfile.TemporaryDirectory(prefix="sleep_ray_gkd_") as workdir:
