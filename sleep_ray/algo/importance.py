@@ -235,7 +235,8 @@ def _expert_structure_norms(model: nn.Module, params: dict[str, Tensor], plan: d
         for key, entry in plan.items():
             pool = entry["pool"]
             handles.append(pool.register_forward_hook(forward_hook(key)))
-            object.__setattr__(pool, "gates", gates_recorder(key, pool.gates, slots[key]))
+            # The gates the forward uses (its own, or the routing layer's under shared routing).
+            object.__setattr__(pool, "routed_gates", gates_recorder(key, pool.routed_gates, slots[key]))
             wrapped.append(pool)
         for pool in _idle_pools(model, plan):  # exactly 0 out and 0 gradient: skip its backward
             handles.append(pool.register_forward_hook(_detach_output))
@@ -258,7 +259,7 @@ def _expert_structure_norms(model: nn.Module, params: dict[str, Tensor], plan: d
         for h in handles:
             h.remove()
         for pool in wrapped:
-            del pool.__dict__["gates"]
+            del pool.__dict__["routed_gates"]
         for n, p in named.items():
             p.requires_grad_(flags[n])
 
