@@ -14,16 +14,19 @@ CLI, the jobs or a test) before any actor starts. It refuses, with one `RunDirEr
       learner.pt    = memory state (every expert slot of every level, routers, masks)
                     + 3 x the memory's parameters in float32 (pending Eq. 2 sums and two Adam
                       moments, as if every slot held optimizer state: an upper bound)
-                    + the dreamer adapter + the examples a learner keeps (windows, held-out,
-                      each expert's data; `data.max_length` tokens at 8 bytes each)
+                    + the dreamer adapter + the examples a learner keeps (the window's
+                      reservoirs, `seeding.reservoir_size` + `seeding.heldout_size`, and as
+                      many for each expert slot; `data.max_length` tokens at 8 bytes and
+                      1 KiB for choices and keys per example)
       driver.json   = the run's metric rows so far (2 KiB per wake step of the stream)
     on disk at once = `keep` checkpoints + the one being written (it is renamed into place
                       before the oldest is deleted) + the final memory.safetensors
     needed          = 1.5 x that + 64 MiB (metrics.jsonl, TensorBoard, report, plots)
 
   minus what the run's own checkpoints and memory already hold (a resumed run replaces them).
-  When the backbone's shapes cannot be read without a download or a conversion, only
-  writability is checked (and a warning says so).
+  When the backbone's shapes cannot be read without a download or a conversion (a hub id not in
+  the local cache; Qwen/Qwen3-8B's published shapes are known), only writability is checked
+  (and a warning says so).
 
 A disk that fills later anyway is handled where files are written (`model/state.py`): the failed
 write removes its temporary folder, the previous checkpoint stays loadable, and the error names
@@ -48,7 +51,7 @@ MARGIN = 1.5
 FIXED_BYTES = 64 << 20  # metrics.jsonl, TensorBoard event files, report.md, plots, config.yaml
 OPTIMIZER_TERMS = 3  # pending sum + Adam's two moments per memory parameter
 TEXT_BYTES_PER_TOKEN = 8  # an example's text as pickled strings, generously
-EXAMPLE_OVERHEAD = 256  # keys and small fields of one stored example
+EXAMPLE_OVERHEAD = 1024  # its choices, keys and small fields
 METRICS_BYTES_PER_STEP = 2048  # one metrics row per wake step (plus sleeps'), kept in driver.json
 TASKS_IF_UNKNOWN = 3  # a file stream's task count is not known before it is read
 
@@ -107,6 +110,10 @@ def backbone_config(m: ModelConfig):
         return AutoConfig.from_pretrained(m.name_or_path, local_files_only=True,
                                           trust_remote_code=m.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - an estimate only: the model's own load reports errors
+        if m.name_or_path == "Qwen/Qwen3-8B":  # its published config is known (model/footprint.py)
+            from sleep_ray.model.footprint import qwen3_8b_config
+
+            return qwen3_8b_config()
         log.debug("backbone config of %r not readable here: %s", m.name_or_path, e)
         return None
 
@@ -145,10 +152,8 @@ def estimate_run_bytes(cfg: SleepConfig, keep: int) -> RunDiskEstimate | None:
         dreamer = sum(d.dreamer_rank * (mod.in_features + mod.out_features) * dtype.itemsize
                       for name, mod in model.named_modules()
                       if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in d.dreamer_targets)
-    s = cfg.schedule
-    window_steps = sum(s.windows or s.chunk_sizes)
-    slots = sum(cfg.memory.capacity)
-    examples = 2 * cfg.data.batch_size * window_steps * (1 + slots)  # windows + held-out, per slot
+    s = cfg.seeding
+    examples = (s.reservoir_size + s.heldout_size) * (1 + sum(cfg.memory.capacity))
     text = examples * (cfg.data.max_length * TEXT_BYTES_PER_TOKEN + EXAMPLE_OVERHEAD)
     learner = memory + OPTIMIZER_TERMS * 4 * memory_params + dreamer + text
     driver = METRICS_BYTES_PER_STEP * _stream_steps(cfg)
