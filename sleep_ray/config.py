@@ -11,6 +11,8 @@ their defaults are documented beside each field and in the README.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,8 +30,14 @@ class IncompatibleConfigError(ConfigError):
     """A saved run (checkpoint, memory state) was made with a config of another shape."""
 
 
+# A value in an error message: short, and safe for any value (a huge int, a deeply nested list).
+_short = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlong = 3, 120, 120, 60
+_short.maxlist = _short.maxtuple = _short.maxdict = 6
+
+
 def _fail(field_path: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{field_path}={value!r}: {why}")
+    raise ConfigError(f"{field_path}={_short.repr(value)}: {why}")
 
 
 # `model.name_or_path` aliases of models shipped as a GGUF file inside a Python package:
@@ -471,7 +479,13 @@ def _coerce(value: Any, tp: Any, at: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(at, value, "expected a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if not math.isfinite(number):
+            _fail(at, value, "expected a finite number")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(at, value, "expected an integer")
@@ -518,6 +532,29 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# libyaml's parser when PyYAML has it (the same safe constructor): the pure-Python scanner takes
+# time quadratic in the nesting depth (seconds for a few thousand '['), libyaml refuses depth
+# past 1000 at once.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """YAML text -> plain values, or ConfigError (one line) naming `what` and the problem."""
+    try:
+        return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
+    except yaml.MarkedYAMLError as e:
+        mark = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" \
+            if e.problem_mark is not None else ""
+        reason = " ".join(f"{e.context or ''} {e.problem or ''}".split()) or type(e).__name__
+        raise ConfigError(f"{what}: not valid YAML: {reason}{mark}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: not valid YAML: nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts, ...
+        raise ConfigError(f"{what}: {' '.join(str(e).split())}") from None
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply `section.field=value` overrides (value parsed as YAML) to nested dicts."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
@@ -532,7 +569,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             _fail(section, data[section], "expected a mapping")
-        data[section][name] = yaml.safe_load(raw)
+        data[section][name] = _parse_yaml(raw, f"override {_short.repr(item)}")
     return data
 
 
@@ -541,15 +578,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read YAML at `path` (None: all defaults), apply dotted overrides, validate."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start + 1} is "
+                              f"{raw[e.start]:#04x})") from None
+        data = _parse_yaml(text, str(path))
+        if data is None:  # an empty file (or only comments): every default
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file is a mapping of sections")
+            raise ConfigError(f"{path}: a config file is a mapping of sections, not "
+                              f"{type(data).__name__}")
     try:
         return config_from_dict(apply_overrides(data, overrides))
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
+    except RecursionError:  # a value nested too deeply to check
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}a value is nested too deeply") from None
 
 
 def save_config(cfg: SleepConfig, path: str | Path) -> None:
