@@ -33,8 +33,17 @@ a replica that dies (killed, or its engine died) is replaced by the controller, 
 fresh engine and loads the run's newest memory. Requests in flight on the dead replica fail
 (the client sees a 5xx or a broken stream and may retry); requests after the replacement is up
 succeed. Bad input gets a 4xx in OpenAI's shape `{"error": {"message", "type", "param",
-"code"}}` naming the parameter; the checks are module-level functions (`parse_body`,
-`check_model`, `prompt_ids`, `check_messages`, `sampling_options`, `check_api_key`).
+"code"}}` naming the parameter; the checks are module-level functions (`read_body`,
+`completion_request` and `chat_request`, made of `parse_body`, `check_model`, `prompt_ids`,
+`check_messages`, `sampling_options`, `check_api_key`), each fuzzed with over 1000 malformed
+bodies (tests/faults/test_fuzz_inputs.py).
+
+Limits: a body over `max_body_bytes` (default 1 MiB; Content-Length checked before reading, the
+stream counted while reading) gets 413; a prompt that leaves no room in the model's context
+(`max_model_len`) gets 400 naming the context and the prompt's token count; `max_tokens` past the
+room left gets 400 naming the range; token ids outside the vocabulary and text that is not valid
+Unicode (lone surrogates) get 400. The API key is compared in constant time
+(`hmac.compare_digest`).
 
 Chat template: the tokenizer's own when it has one; otherwise each message becomes a line
 `"{role}: {content}"`, followed by `"assistant:"` (the tiny tokenizers have none).
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -55,6 +65,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -66,6 +77,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "sleep-ray"
 APP_NAME = "sleep_ray"
 DEPLOYMENT_NAME = "SleepLLM"
+MAX_BODY_BYTES = 1 << 20  # a request body past this gets 413 (token ids of a 40k context fit)
 
 
 # ---------------------------------------------------------------------- the run's memory
@@ -178,17 +190,46 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def check_api_key(authorization: str | None, api_key: str | None) -> None:
-    """401 unless `authorization` is `Bearer API_KEY` (no key configured: anything passes)."""
-    if api_key is not None and authorization != f"Bearer {api_key}":
+    """401 unless `authorization` is `Bearer API_KEY` (no key configured: anything passes). The
+    comparison takes the same time wherever the first differing byte is (`hmac.compare_digest`),
+    so response times do not leak how much of a guessed key was right."""
+    if api_key is None:
+        return
+    given = (authorization or "").encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(given, f"Bearer {api_key}".encode("utf-8", "surrogatepass")):
         raise APIError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY').",
                        "invalid_request_error", None, "invalid_api_key")
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+def check_body_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise too_large(limit)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, or 413 once it is known to exceed `limit` bytes: at once from its
+    Content-Length, else while it streams in (nothing past the limit is buffered)."""
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit():
+        check_body_size(int(length), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        check_body_size(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_body(raw: bytes) -> dict:
     """The request's JSON object, or 400."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -206,15 +247,34 @@ def check_model(body: dict, model_name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def prompt_ids(prompt, encode: Callable[[str], list[int]]) -> list[int]:
-    """Token ids of a completion's `prompt`: a non-empty string or a list of token ids (a
-    one-element batch is unwrapped; larger batches are refused)."""
+def _is_text(s: str) -> bool:
+    """Valid Unicode: JSON's \\uXXXX escapes can make lone surrogates, which no tokenizer takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _not_text(param: str) -> APIError:
+    return APIError(400, f"'{param}' holds a lone surrogate (\\ud800-\\udfff): not valid Unicode "
+                         "text.", param=param, code="invalid_value")
+
+
+def prompt_ids(prompt, encode: Callable[[str], list[int]], vocab_size: int | None = None) -> list[int]:
+    """Token ids of a completion's `prompt`: a non-empty string or a list of token ids in
+    [0, vocab_size) (a one-element batch is unwrapped; larger batches are refused)."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                    and t >= 0 for t in prompt):
+        if vocab_size is not None and max(prompt) >= vocab_size:
+            raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size}) (this model's "
+                                f"vocabulary); got {max(prompt)}.", param="prompt", code="invalid_value")
         return list(prompt)
     if isinstance(prompt, str) and prompt:
+        if not _is_text(prompt):
+            raise _not_text("prompt")
         return encode(prompt)
     raise APIError(400, "'prompt' is required: a non-empty string (or a list of token ids); "
                         "batches of prompts are not supported.", param="prompt",
@@ -228,6 +288,8 @@ def check_messages(messages) -> list[dict]:
         raise APIError(400, "'messages' is required: a non-empty list of {role, content} "
                             "objects with string content.", param="messages",
                        code="missing_required_parameter" if messages is None else "invalid_value")
+    if not all(_is_text(m["role"]) and _is_text(m["content"]) for m in messages):
+        raise _not_text("messages")
     return messages
 
 
@@ -280,6 +342,48 @@ def include_usage(body: dict) -> bool:
     return bool(options.get("include_usage"))
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A request that passed every check: what the engine is asked to do."""
+
+    ids: list[int]  # the prompt's token ids
+    sampling: dict  # `sampling_options`
+    stream: bool
+    include_usage: bool  # a streamed response ends with a usage chunk
+
+
+def completion_request(raw: bytes, model_name: str, encode: Callable[[str], list[int]],
+                       max_len: int, vocab_size: int | None = None,
+                       max_body_bytes: int = MAX_BODY_BYTES) -> ParsedRequest:
+    """`POST /v1/completions`' body bytes -> the request, or an `APIError` (4xx) naming what is
+    wrong. The route runs exactly this."""
+    check_body_size(len(raw), max_body_bytes)
+    body = parse_body(raw)
+    check_model(body, model_name)
+    ids = prompt_ids(body.get("prompt"), encode, vocab_size)
+    return _parsed(body, ids, max_len, "max_tokens")
+
+
+def chat_request(raw: bytes, model_name: str, chat_ids: Callable[[list[dict]], list[int]],
+                 max_len: int, vocab_size: int | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> ParsedRequest:
+    """`POST /v1/chat/completions`' body bytes -> the request, or an `APIError` (4xx). `chat_ids`
+    applies the chat template (it may raise `APIError` for messages its template refuses)."""
+    check_body_size(len(raw), max_body_bytes)
+    body = parse_body(raw)
+    check_model(body, model_name)
+    ids = chat_ids(check_messages(body.get("messages")))
+    key = "max_completion_tokens" if "max_completion_tokens" in body and "max_tokens" not in body \
+        else "max_tokens"
+    return _parsed(body, ids, max_len, key)
+
+
+def _parsed(body: dict, ids: list[int], max_len: int, key: str) -> ParsedRequest:
+    sampling = sampling_options(body, len(ids), max_len, key)
+    stream = bool(body.get("stream"))  # a bool: sampling_options checked it
+    return ParsedRequest(ids, sampling, stream, include_usage(body) if stream else False)
+
+
 def chat_prompt(messages: list[dict]) -> str:
     """The fallback chat template: one `role: content` line per message, then `assistant:`."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -325,6 +429,21 @@ async def _api_error(request: Request, exc: APIError):
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
 
 
+def chat_template_ids(tok, messages: list[dict], encode: Callable[[str], list[int]]) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template (the fallback template
+    when it has none); messages the template refuses (a role it does not know, roles that do
+    not alternate: `raise_exception` in its Jinja) get 400, not a 500."""
+    if not getattr(tok, "chat_template", None):
+        return encode(chat_prompt(messages))
+    from jinja2 import TemplateError
+
+    try:
+        return list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+    except TemplateError as e:
+        raise APIError(400, f"The model's chat template refused these messages: {e}",
+                       param="messages", code="invalid_value") from None
+
+
 # ---------------------------------------------------------------------- the deployment
 
 
@@ -336,7 +455,7 @@ class SleepLLM:
     async def __init__(self, run_dir: str, *, api_key: str | None = None,
                        model_name: str | None = None, poll_s: float = 2.0,
                        kv_cache_gib: float | None = None, max_num_seqs: int = 64,
-                       gate_wait_s: float = 30.0):
+                       gate_wait_s: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES):
         # async: vLLM's AsyncLLM binds to the running loop, which is the one serving requests
         from transformers import AutoTokenizer
 
@@ -356,6 +475,9 @@ class SleepLLM:
             kv_cache_gib=kv_cache_gib if kv_cache_gib is not None else r.kv_cache_gib,
             seed=cfg.run.seed, max_num_seqs=max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization)
         self.tok = AutoTokenizer.from_pretrained(str(self._folder))
+        config = json.loads((self._folder / "config.json").read_text())
+        self.vocab_size = max(int(config.get("vocab_size") or 0), len(self.tok))
+        self.max_body_bytes = max_body_bytes
         self.gate = MemoryGate(gate_wait_s)
         self._poller = asyncio.get_running_loop().create_task(self._poll(poll_s))
 
@@ -419,11 +541,10 @@ class SleepLLM:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _body(self, request: Request) -> dict:
+    async def _raw(self, request: Request) -> bytes:
+        """The body's bytes of an authorized request (401, 413 otherwise)."""
         check_api_key(request.headers.get("authorization"), self.api_key)
-        body = parse_body(await request.body())
-        check_model(body, self.model_name)
-        return body
+        return await read_body(request, self.max_body_bytes)
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] or [self.tok.eos_token_id or 0]
@@ -494,20 +615,20 @@ class SleepLLM:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await self._body(request)
-        ids = prompt_ids(body.get("prompt"), self._encode)
-        sampling = sampling_options(body, len(ids), self.max_len)
+        req = completion_request(await self._raw(request), self.model_name, self._encode,
+                                 self.max_len, self.vocab_size, self.max_body_bytes)
+        ids, sampling = req.ids, req.sampling
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def base(version: int) -> dict:
             return {"id": rid, "object": "text_completion", "created": created,
                     "model": self.model_name, "system_fingerprint": f"memory-v{version}"}
 
-        if body.get("stream"):
+        if req.stream:
             def chunk(version, text="", finish=None, start=False):
                 return dict(base(version), choices=[{"index": 0, "text": text, "logprobs": None,
                                                      "finish_reason": finish}])
-            return await self._stream(ids, sampling, chunk, include_usage(body))
+            return await self._stream(ids, sampling, chunk, req.include_usage)
         out, version = await self._complete(ids, sampling)
         finish = "length" if len(out) >= sampling["max_new_tokens"] else "stop"
         return dict(base(version), choices=[{"index": 0, "text": self._decode(out), "logprobs": None,
@@ -516,20 +637,18 @@ class SleepLLM:
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        body = await self._body(request)
-        ids = self._chat_ids(check_messages(body.get("messages")))
-        key = "max_completion_tokens" if "max_completion_tokens" in body and "max_tokens" not in body \
-            else "max_tokens"
-        sampling = sampling_options(body, len(ids), self.max_len, key)
+        req = chat_request(await self._raw(request), self.model_name, self._chat_ids,
+                           self.max_len, self.vocab_size, self.max_body_bytes)
+        ids, sampling = req.ids, req.sampling
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
+        if req.stream:
             def chunk(version, text="", finish=None, start=False):
                 delta = {"role": "assistant", "content": ""} if start else \
                     ({"content": text} if finish is None else {})
                 return {"id": rid, "object": "chat.completion.chunk", "created": created,
                         "model": self.model_name, "system_fingerprint": f"memory-v{version}",
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return await self._stream(ids, sampling, chunk, include_usage(body))
+            return await self._stream(ids, sampling, chunk, req.include_usage)
         out, version = await self._complete(ids, sampling)
         finish = "length" if len(out) >= sampling["max_new_tokens"] else "stop"
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
@@ -539,27 +658,28 @@ class SleepLLM:
                 "usage": _usage(len(ids), len(out))}
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
-        if getattr(self.tok, "chat_template", None):
-            return list(self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
-        return self._encode(chat_prompt(messages))
+        return chat_template_ids(self.tok, messages, self._encode)
 
 
 # ---------------------------------------------------------------------- starting it
 
 
 def build_app(run_dir: str | Path, *, api_key: str | None = None, model_name: str | None = None,
-              poll_s: float = 2.0, kv_cache_gib: float | None = None, max_num_seqs: int = 64):
+              poll_s: float = 2.0, kv_cache_gib: float | None = None, max_num_seqs: int = 64,
+              max_body_bytes: int = MAX_BODY_BYTES):
     """The bound Serve application for RUN_DIR (pass it to `serve.run`)."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sleep-ray run folder)")
     return SleepLLM.bind(str(run_dir), api_key=api_key, model_name=model_name, poll_s=poll_s,
-                         kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs)
+                         kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
+                         max_body_bytes=max_body_bytes)
 
 
 def start(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, poll_s: float = 2.0,
-          kv_cache_gib: float | None = None, max_num_seqs: int = 64):
+          kv_cache_gib: float | None = None, max_num_seqs: int = 64,
+          max_body_bytes: int = MAX_BODY_BYTES):
     """Start Ray (if needed) and Serve on host:port, and deploy RUN_DIR's model; returns the handle."""
     import ray
 
@@ -569,7 +689,8 @@ def start(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         init_ray(2)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(build_app(run_dir, api_key=api_key, model_name=model_name, poll_s=poll_s,
-                               kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs),
+                               kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
+                               max_body_bytes=max_body_bytes),
                      name=APP_NAME, route_prefix="/")
 
 

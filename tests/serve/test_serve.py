@@ -152,6 +152,22 @@ def test_a_non_json_body_is_400(server):
     assert r.json()["error"]["code"] == "invalid_json"
 
 
+def test_limits_over_http(server):
+    """Issue 16 item 6 on the live route (units: tests/serve/test_serve_limits.py): a body over
+    the 1 MiB default limit is 413, a prompt past the context and token ids past the vocabulary
+    are 400 naming the limit."""
+    url = f"{server.base}/v1/completions"
+    big = b'{"model": "sleep-ray", "prompt": "' + b"a" * (2 << 20) + b'"}'
+    r = httpx.post(url, content=big, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(url, json={"model": MODEL, "prompt": [1] * 5000}, headers=AUTH, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+    assert "The prompt has 5000 tokens; this model's context is " in err["message"]
+    r = httpx.post(url, json={"model": MODEL, "prompt": [10 ** 7]}, headers=AUTH, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
 def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
     for call in (bad.models.list, lambda: bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)):
