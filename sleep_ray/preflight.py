@@ -207,7 +207,12 @@ def check_run_dir(run_dir: str | Path, cfg: SleepConfig, keep: int) -> RunDiskEs
     run_dir = Path(run_dir)
     _probe(run_dir)
     _probe(run_dir / "checkpoints")
-    estimate = estimate_run_bytes(cfg, keep)
+    try:
+        estimate = estimate_run_bytes(cfg, keep)
+    except Exception:  # noqa: BLE001 - an estimate must never stop a run the model can load
+        log.warning("%s: free space not checked (estimating the run's bytes failed)", run_dir,
+                    exc_info=True)
+        estimate = None
     if estimate is None:
         log.warning("%s: free space not checked (the shapes of %r are not readable before it is "
                     "loaded)", run_dir, cfg.model.name_or_path)
