@@ -251,3 +251,25 @@ def test_levels_can_have_their_own_rank():
     for level, rank in ((1, 4), (2, 8), (3, 12)):
         pool = M.pools(model, level)[0]
         assert pool.rank == rank and pool.A[0].shape[1] == rank and pool.B[0].shape[0] == rank
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_routing_gives_every_layer_the_first_layers_decision(shared):
+    cfg = load_config(None, ["model.pretrain_steps=0", "memory.capacity=[1, 3, 2]",
+                             f"memory.shared_routing={str(shared).lower()}"])
+    model, tok = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    for pool in M.pools(model, 2):  # two experts whose keys differ from layer to layer
+        for e in (0, 1):
+            pool.activate(e, torch.randn(4, pool.dim, generator=g))
+            pool.B[e].data.normal_(0, 0.1, generator=g)
+    seen = []
+    for pool in M.pools(model, 2):
+        own = pool.routed_gates
+        object.__setattr__(pool, "routed_gates", lambda x, own=own: seen.append(own(x)) or seen[-1])
+    ids = torch.tensor([tok("the bird sees the small brown model").input_ids])
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(seen) == len(M.pools(model, 2)) >= 2
+    same = all(torch.equal(seen[0], s) for s in seen[1:])
+    assert same == shared
