@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--output", required=True, help="output folder")
     ap.add_argument("--table-only", action="store_true",
-                    help="run nothing: rebuild consolidation.md from the runs that --output's "
-                         "consolidation.json holds (e.g. after stopping a long benchmark)")
+                    help="run nothing: rebuild consolidation.md from the run folders under "
+                         "--output, finished or stopped (their metrics.jsonl)")
     from sleep_ray.cli import add_logging_args
 
     add_logging_args(ap, suppress=True)
@@ -92,8 +92,9 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
     table = []
     for (kind, transition), by_seed in sorted(groups.items()):
         def per_seed(key):
-            return [statistics.fmean(r[key] for r in rows if r.get(key) == r.get(key))
-                    for rows in by_seed.values() if any(r.get(key) == r.get(key) for r in rows)]
+            """Each seed's mean of `key` over its events (missing and NaN values left out)."""
+            values = [[r[key] for r in rows if key in r and r[key] == r[key]] for rows in by_seed.values()]
+            return [statistics.fmean(v) for v in values if v]
         kept = per_seed("consolidate/kept")
         cost = [statistics.fmean(r["consolidate/seconds"] / max(r["window_wake_seconds"], 1e-9)
                                  for r in rows) for rows in by_seed.values()]
@@ -121,6 +122,19 @@ def markdown(table: list[dict], header: dict[str, str]) -> str:
                      f"| {r['score_before']:.3f} → {r['score_after']:.3f} | {r['seed_steps']:.1f} "
                      f"| {r['route_share']:.2f} | {r['seconds']:.0f} | {r['cost_vs_window_wake']:.2f}× |")
     return "\n".join(lines) + "\n"
+
+
+def saved_runs(out: Path) -> dict[tuple[str, int], list[dict]]:
+    """The consolidation rows of every run folder (`{transition}_seed{seed}/metrics.jsonl`) under
+    `out`, finished or stopped: each consolidation row is written as it happens."""
+    runs = {}
+    for path in sorted(out.glob("*_seed*/metrics.jsonl")):
+        transition, seed = path.parent.name.rsplit("_seed", 1)
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        runs[(transition, int(seed))] = consolidation_rows(rows)
+    if not runs:
+        raise FileNotFoundError(f"{out}: no run folders (<transition>_seed<N>/metrics.jsonl)")
+    return runs
 
 
 def run_one(cfg, out: Path) -> list[dict]:
@@ -156,8 +170,7 @@ def main(argv: list[str] | None = None) -> str:
     runs: dict[tuple[str, int], list[dict]] = {}
     t0 = time.perf_counter()
     if args.table_only:
-        saved = json.loads((out / "consolidation.json").read_text())
-        runs = {(k.split("/")[0], int(k.split("/")[1])): v for k, v in saved.items()}
+        runs = saved_runs(out)
     for transition in [] if args.table_only else [t.strip() for t in args.transitions.split(",") if t.strip()]:
         if transition not in TRANSITIONS:
             raise ValueError(f"--transitions: {transition!r} is not one of {TRANSITIONS}")

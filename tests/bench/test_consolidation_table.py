@@ -1,0 +1,46 @@
+"""The consolidation benchmark's table, from metrics rows worked out by hand."""
+
+import json
+
+import pytest
+
+from sleep_ray.bench.consolidation import consolidation_rows, markdown, saved_runs, summarize
+
+
+def _rows():
+    # Wake steps of 1 s; 1 -> 2 at steps 2 and 4 (each window: 2 s of wake), 2 -> 3 at step 4
+    # (its window: all 4 s). A skipped consolidation has no table row.
+    out = []
+    for step in range(1, 5):
+        out.append({"step": step, "wake/seconds": 1.0})
+        if step % 2 == 0:
+            out.append({"step": step, "consolidate/source": 1, "consolidate/target": 2,
+                        "consolidate/kept": 0.5 * step / 2, "consolidate/seconds": 1.0,
+                        "consolidate/score_before": 0.8, "consolidate/score_after": 0.4 * step / 2,
+                        "seed/steps": 0.0, "consolidate/route_share": 1.0})
+    out.append({"step": 4, "consolidate/source": 2, "consolidate/target": 3,
+                "consolidate/kept": 0.9, "consolidate/seconds": 2.0, "seed/steps": 5.0})
+    out.append({"step": 4, "consolidate/source": 1, "consolidate/target": 2, "consolidate/skipped": 1.0})
+    return out
+
+
+def test_each_consolidation_is_set_against_the_wake_of_its_window():
+    rows = consolidation_rows(_rows())
+    assert [(r["consolidate/source"], r["window_wake_seconds"]) for r in rows] == [(1, 2.0), (1, 2.0), (2, 4.0)]
+
+
+def test_seeds_are_averaged_first_then_mean_and_std(tmp_path):
+    for seed, scale in ((0, 1.0), (1, 0.5)):
+        rows = [dict(r, **{"consolidate/kept": r["consolidate/kept"] * scale})
+                if "consolidate/kept" in r else r for r in _rows()]
+        (tmp_path / f"reset_seed{seed}").mkdir()
+        (tmp_path / f"reset_seed{seed}" / "metrics.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in rows))
+    table = {(r["consolidation"], r["transition"]): r for r in summarize(saved_runs(tmp_path))}
+    # 1 -> 2: seed 0 kept (0.5 + 1.0) / 2 = 0.75, seed 1 0.375: mean 0.5625, pstdev 0.1875.
+    one = table[("1 -> 2", "reset")]
+    assert one["kept_mean"] == pytest.approx(0.5625) and one["kept_std"] == pytest.approx(0.1875)
+    assert one["cost_vs_window_wake"] == pytest.approx(0.5) and one["events"] == 4
+    two = table[("2 -> 3", "reset")]
+    assert two["kept_mean"] == pytest.approx((0.9 + 0.45) / 2) and two["seed_steps"] == 5.0
+    assert "| 1 -> 2 | reset | 2 (4) | 0.562 ± 0.188 |" in markdown(list(table.values()), {})
