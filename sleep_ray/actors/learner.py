@@ -120,9 +120,12 @@ class LearnerWorker:
             M.set_trainable(L.model, level)
         # Collated as a whole: the same padding (hence the same numbers) as the torch path.
         batch = collate_examples(L.tok, examples, L.cfg.data.max_length)
+        pools = [pool for memory in M.memories(L.model) for pool in memory.levels]
+        usage = [pool.usage.clone() for pool in pools]
         with M.track_usage(L.model):  # as Learner.wake_step: usage decides which experts merge
             loss = self._slice_loss(*(t.to(L.model.device) for t in
                                       (batch.input_ids, batch.attention_mask, batch.labels)))
+        self._sum_usage(pools, usage)
         self.engine.backward(loss)  # gradients averaged over the group (an all-reduce)
         # The group's mean loss and the all-reduced gradients are the same on every worker, so
         # all of them skip a non-finite step together (a NaN in one slice reaches every worker).
@@ -143,6 +146,19 @@ class LearnerWorker:
         out = self.engine(input_ids=input_ids[mine], attention_mask=attention_mask[mine],
                           labels=labels[mine], num_items_in_batch=total)
         return out.loss * self.world  # DeepSpeed divides the summed gradients by world size
+
+    @torch.no_grad()
+    def _sum_usage(self, pools: list, before: list[torch.Tensor]) -> None:
+        """Each worker counted the gate mass of its own slice: add up the group's, so that every
+        worker holds the whole batch's usage (the torch path's) and merges the same experts."""
+        if self.world == 1:
+            return
+        import deepspeed.comm as dist
+
+        delta = torch.cat([pool.usage - b for pool, b in zip(pools, before)])
+        dist.all_reduce(delta)
+        for pool, b, d in zip(pools, before, delta.split([len(b) for b in before])):
+            pool.usage.copy_(b + d)
 
     def _group_mean(self, loss: torch.Tensor) -> float:
         if self.world == 1:
