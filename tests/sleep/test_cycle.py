@@ -62,7 +62,7 @@ def test_full_cycle_changes_exactly_what_it_should(stream, monkeypatch):
     older = learner.newest_expert
     before = snapshot(model)
     # Every kept dream is rewarded, so the generator and the newest expert must both move.
-    monkeypatch.setattr(dreaming, "tau_improvement_reward", lambda copy, base: 1.0)
+    monkeypatch.setattr(dreaming, "tau_improvement_reward", lambda copy, base, min_delta=0.0: 1.0)
     wake(learner, train[16:] + list(stream.tasks[1].train), 4)
     stats = consolidate(learner, 1, 2)
     newest = learner.newest_expert
@@ -83,7 +83,7 @@ def test_full_cycle_changes_exactly_what_it_should(stream, monkeypatch):
 def test_without_rewards_only_the_new_expert_changes(stream, monkeypatch):
     learner = make_learner()
     before = snapshot(learner.model)
-    monkeypatch.setattr(dreaming, "tau_improvement_reward", lambda copy, base: 0.0)
+    monkeypatch.setattr(dreaming, "tau_improvement_reward", lambda copy, base, min_delta=0.0: 0.0)
     wake(learner, list(stream.tasks[0].train), 4)
     consolidate(learner, 1, 2)
     stats = dream(learner, list(stream.tasks[0].train[:2]), list(stream.tasks[0].val))
