@@ -292,5 +292,28 @@ def write_run_report(out_dir: str | Path, summary: Mapping, metrics: Sequence[Ma
         plot_phase_seconds(summary["phase_seconds"], out / "plots" / RUN_PLOTS[2])
         plots.append(RUN_PLOTS[2])
     path = out / "report.md"
-    path.write_text(run_report_markdown(summary, names, plots))
+    path.write_text(run_report_markdown(summary, names, plots) + consolidation_markdown(metrics))
     return path
+
+
+def consolidation_markdown(metrics: Sequence[Mapping]) -> str:
+    """A table of the run's consolidations: what each kept of its window's held-out examples
+    (`consolidate/kept` = score after / before), its seeding steps, route share and seconds."""
+    rows = [m for m in metrics if "consolidate/source" in m and not m.get("consolidate/skipped")]
+    if not rows:
+        return ""
+
+    def num(row, key, fmt):
+        value = row.get(key)
+        return "" if value is None or value != value else format(value, fmt)
+
+    lines = ["", "## Consolidations", "",
+             "| step | consolidation | kept | held-out before → after | seeding steps | route share | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.get('step', '')} | {int(r['consolidate/source'])} -> "
+                     f"{int(r['consolidate/target'])} | {num(r, 'consolidate/kept', '.3f')} "
+                     f"| {num(r, 'consolidate/score_before', '.3f')} → {num(r, 'consolidate/score_after', '.3f')} "
+                     f"| {num(r, 'seed/steps', '.0f')} | {num(r, 'consolidate/route_share', '.2f')} "
+                     f"| {num(r, 'consolidate/seconds', '.0f')} |")
+    return "\n".join(lines) + "\n"

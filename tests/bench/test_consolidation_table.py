@@ -44,3 +44,15 @@ def test_seeds_are_averaged_first_then_mean_and_std(tmp_path):
     two = table[("2 -> 3", "reset")]
     assert two["kept_mean"] == pytest.approx((0.9 + 0.45) / 2) and two["seed_steps"] == 5.0
     assert "| 1 -> 2 | reset | 2 (4) | 0.562 ± 0.188 |" in markdown(list(table.values()), {})
+
+
+def test_the_run_report_lists_each_consolidation(tmp_path):
+    from sleep_ray.eval.metrics import summarize as summarize_R
+    from sleep_ray.eval.report import write_run_report
+
+    path = write_run_report(tmp_path, {"R": [[0.5]], **summarize_R([[0.5]])}, _rows())
+    text = path.read_text()
+    assert "## Consolidations" in text
+    assert "| 2 | 1 -> 2 | 0.500 | 0.800 → 0.400 | 0 | 1.00 | 1 |" in text
+    assert "| 4 | 2 -> 3 | 0.900 |  →  | 5 |  | 2 |" in text
+    assert text.count("| 4 | 1 -> 2 |") == 1  # the skipped one is not a row
