@@ -33,6 +33,12 @@ class ScorerWorker:
     def memory_version(self) -> int:
         return self.replica.version
 
+    @compute_timed
+    def load_memory(self, state: ModelState) -> int:
+        """Load a published version (a restarted worker, before its lost call is resent); returns
+        the version held. Older than held raises `MemoryVersionError`; the same is a no-op."""
+        return self.replica.sync(state)
+
     def telemetry(self) -> dict:
         """Seconds of work per method and the process's peak RSS (`actors/telemetry.py`)."""
         return telemetry(self)
