@@ -52,7 +52,7 @@ from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.loop import RunRecord, task_batches, task_heldout, write_run
 from sleep_ray.sleep.seeding import seeding_data
 from sleep_ray.tracking import MetricsLogger
-from sleep_ray.types import Task
+from sleep_ray.types import Stream, Task
 
 KEEP_CHECKPOINTS = 2
 
@@ -79,13 +79,14 @@ class SleepDriver:
     """Runs `cfg` on a Ray cluster (already initialized) and writes RUN_DIR."""
 
     def __init__(self, cfg: SleepConfig, run_dir: str | Path, *, checkpoint_every: int = 0,
-                 resume: bool = True):
+                 resume: bool = True, stream: Stream | None = None):
         """`checkpoint_every`: also checkpoint every that many wake steps (0: only after each
-        sleep and each task)."""
+        sleep and each task). `stream`: the tasks to learn instead of `cfg.data`'s (the serving
+        loop passes its own and feeds the wake steps itself: serve/loop.py)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.checkpoint_every = checkpoint_every
         self.bar = tqdm(disable=True)  # the current task's progress bar (`learn_task`)
-        self.stream = stream_from_config(cfg.data, cfg.run.seed)
+        self.stream = stream if stream is not None else stream_from_config(cfg.data, cfg.run.seed)
         self.clock = CMSClock(cfg.schedule)
         self.record = RunRecord()
         self.position = Position()
