@@ -324,7 +324,12 @@ class DreamingConfig:
     tau_min_delta: float = 0.01
     max_new_tokens: int = 32
     temperature: float = 1.0
-    lora_rank: int = 4  # rank of each dream's isolated LoRA copy (peft)
+    # What a dream's reward copy trains (step 3): "expert", a copy of the newest expert trained as
+    # `apply_dreams` trains it (apply_steps at apply_lr), so that the 0/1 reward predicts the
+    # update that is applied; "lora", a peft LoRA on lora_targets (lora_rank, inner_steps,
+    # inner_lr): an update of other parameters than the one applied.
+    reward_copy: Literal["expert", "lora"] = "expert"
+    lora_rank: int = 4  # rank of each dream's isolated LoRA copy (peft), reward_copy "lora"
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     inner_steps: int = 4
     inner_lr: float = 5e-3

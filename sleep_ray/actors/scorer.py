@@ -2,14 +2,17 @@
 
 - `importance`: omega_i = ||grad L_SFT(dream_i)|| over the newest expert, batched per-sample
   gradients (`dreaming.dream_importance`).
-- `lora_rewards`: each dream fine-tunes an isolated LoRA copy of the model and earns 1 if the
-  copy's tau improves (`dreaming.evaluate_on_lora_copies`).
+- `lora_rewards`: each dream trains an isolated copy (of the newest expert, as the applied update
+  trains it, or a LoRA: `dreaming.reward_copy`) and earns 1 if the copy's tau improves
+  (`dreaming.evaluate_on_lora_copies`).
 
 Both are embarrassingly parallel over dreams: the driver gives each worker a contiguous slice and
-concatenates the results in order. The split does not change the numbers: every dream's LoRA copy
-starts from the adapter that `torch.manual_seed(seed)` initializes, whichever worker runs it and
-whichever dreams ran before it there (the reference resets the copy to those initial weights
-before each dream), and a dream's gradient norm is its own (per-sample gradients).
+concatenates the results in order. The split does not change the rewards: every dream's copy
+starts from the newest expert as published (or, for LoRA copies, from the adapter that
+`torch.manual_seed(seed)` initializes), whichever worker runs it and whichever dreams ran
+before it there, and a dream's gradient norm is its own (per-sample gradients). Batched expert
+copies (`dreaming.expert_copy_rewards`) compute each copy in its own rows; a different slice can
+change a tau in its last float bits only.
 """
 
 from __future__ import annotations
@@ -54,9 +57,12 @@ class ScorerWorker:
 
     @compute_timed
     def lora_rewards(self, dreams: Sequence[Dream], tau_examples: Sequence[Example],
-                     state: ModelState, seed: int) -> tuple[list[float], float, list[float]]:
-        """(reward per dream, tau of the unmodified model, tau of each dream's copy)."""
+                     state: ModelState, seed: int, expert: tuple[int, int] | None = None
+                     ) -> tuple[list[float], float, list[float]]:
+        """(reward per dream, tau of the unmodified model, tau of each dream's copy). `expert`:
+        the newest expert, which `dreaming.reward_copy: expert` copies; without it, LoRA copies."""
         self.replica.sync(state)
         return dreaming.evaluate_on_lora_copies(self.replica.model, self.replica.tok, list(dreams),
                                                 list(tau_examples), self.cfg.dreaming,
-                                                self.cfg.data.max_length, seed)
+                                                self.cfg.data.max_length, seed,
+                                                expert=None if expert is None else tuple(expert))
