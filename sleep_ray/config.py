@@ -413,10 +413,16 @@ class RunConfig:
     # Training steps (wake, seeding, dream SFT) whose loss or gradient is NaN/inf are skipped and
     # counted; the run stops with NonFiniteLossError once the count exceeds this.
     max_nonfinite_steps: int = 10
+    # Ray runs: a learner group that dies mid-run is started again from the newest checkpoint
+    # (the wake steps since are replayed) up to this many times; one death more ends the run with
+    # one line naming the checkpoint to resume from.
+    max_learner_restarts: int = 2
 
     def validate(self, at: str) -> None:
         if self.max_nonfinite_steps < 0:
             _fail(f"{at}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
+        if self.max_learner_restarts < 0:
+            _fail(f"{at}.max_learner_restarts", self.max_learner_restarts, "must be >= 0")
 
 
 @dataclass(frozen=True)

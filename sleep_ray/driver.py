@@ -16,7 +16,12 @@ tensors (samples and dreams are token ids) and does no math.
 Memory sync: whenever a rollout is about to sample and the learner's version moved, the learner's
 `ModelState` (memory + dreamer) is put in the object store once (the learner's return value) and
 its reference goes to every rollout worker, which checks the version on arrival. Later calls pass
-the same reference, so a worker that Ray restarted catches up inside the retried call.
+the same reference, so a worker that Ray restarted between calls catches up inside its next call.
+
+Lost actors: a rollout or scorer worker that dies inside a call is restarted by Ray, re-published
+to and sent the call again (`actors/pool.py`: same results, each part once). A learner that dies
+ends its group: `restart_learners` starts a new one from the newest checkpoint and the loop
+replays the wake steps since, up to `run.max_learner_restarts` times (then `LearnerLostError`).
 
 Checkpoints: `RUN_DIR/checkpoints/ckpt-<step>-<tasks evaluated>/` written to a temporary folder and
 renamed; `driver.json` (stream position, clock, run record) and `learner.pt` (the learner's state).
@@ -26,6 +31,7 @@ A new driver on the same RUN_DIR resumes from the newest one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -33,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 from tqdm.auto import tqdm
 
 from sleep_ray.actors.learner import LearnerWorker
@@ -41,9 +48,15 @@ from sleep_ray.actors.placement import (
     make_placement_group,
     placement_plan,
 )
+from sleep_ray.actors.pool import Fanout, WorkerPool, actor_id
 from sleep_ray.actors.rollout import RolloutWorker
 from sleep_ray.actors.scorer import ScorerWorker
-from sleep_ray.config import SleepConfig, check_resume_config, config_to_dict, save_config
+from sleep_ray.config import (
+    SleepConfig,
+    check_resume_config,
+    config_to_dict,
+    save_config,
+)
 from sleep_ray.data import stream_from_config
 from sleep_ray.model.state import list_checkpoints, write_checkpoint
 from sleep_ray.preflight import check_run_dir
@@ -55,6 +68,20 @@ from sleep_ray.tracking import MetricsLogger
 from sleep_ray.types import Stream, Task
 
 KEEP_CHECKPOINTS = 2
+log = logging.getLogger(__name__)
+
+
+class LearnerLostError(ValueError):
+    """The learner group died more often than `run.max_learner_restarts` allows. A ValueError, so
+    that the command line says it in one line: what to do next is rerun on the same RUN_DIR."""
+
+
+@dataclass(frozen=True)
+class LearnerRestart:
+    """One lost learner group (the driver's `faults` list)."""
+
+    step: int  # wake steps done when it died
+    resumed_from: str  # the checkpoint the new group loaded ("" when none: the run's start)
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,11 @@ class _Snapshot:
 class SleepDriver:
     """Runs `cfg` on a Ray cluster (already initialized) and writes RUN_DIR."""
 
+    # The actor classes (a fault test substitutes subclasses that die on cue).
+    learner_class = LearnerWorker
+    rollout_class = RolloutWorker
+    scorer_class = ScorerWorker
+
     def __init__(self, cfg: SleepConfig, run_dir: str | Path, *, checkpoint_every: int = 0,
                  resume: bool = True, stream: Stream | None = None):
         """`checkpoint_every`: also checkpoint every that many wake steps (0: only after each
@@ -96,9 +128,9 @@ class SleepDriver:
             check_resume_config(self.run_dir / "config.yaml", cfg)
         save_config(cfg, self.run_dir / "config.yaml")
         t0 = time.perf_counter()
+        self.faults: list = []  # every `Recovery` of a pool call and `LearnerRestart`, in order
         self._start_workers()
         self.published, self.state_ref = -1, None
-        self._calls = 0
         if resume:
             self.resume()
         self.record.phase_seconds["start"] += time.perf_counter() - t0
@@ -113,30 +145,47 @@ class SleepDriver:
         cfg = self.cfg
         plan = placement_plan(cfg, ray.cluster_resources().get("CPU"))
         self.pg = make_placement_group(plan)
-        opts = {s.name: actor_options(s, i, self.pg) for i, s in enumerate(plan)}
-        world = cfg.learner.num_workers
-        self.learners = [ray.remote(LearnerWorker).options(**opts[f"learner-{r}"]).remote(cfg, r, world)
-                         for r in range(world)]
-        ray.get([w.version.remote() for w in self.learners])
-        if cfg.learner.backend == "deepspeed":
-            addresses = ray.get([w.rendezvous.remote() for w in self.learners])
-            same_node = len({a for a, _ in addresses}) == 1
-            addr, port = ("127.0.0.1" if same_node else addresses[0][0]), addresses[0][1]
-            ray.get([w.init_deepspeed.remote(addr, port) for w in self.learners])
-        self.rollouts = [ray.remote(RolloutWorker).options(**opts[f"rollout-{r}"]).remote(cfg)
-                         for r in range(cfg.rollout.num_workers)]
-        self.scorers = [ray.remote(ScorerWorker).options(**opts[f"scorer-{r}"]).remote(cfg)
-                        for r in range(cfg.scorer.num_workers)]
-        ray.get([w.memory_version.remote() for w in self.rollouts + self.scorers])
+        self.actor_opts = {s.name: actor_options(s, i, self.pg) for i, s in enumerate(plan)}
+        self.learners = self._start_learners()
+        self.rollouts, self.scorers = self._start_pools()
         # vLLM does not carry the dreamer LoRA yet: dreams come from the learner then.
         self.dreams_on_learner = (cfg.rollout.backend == "vllm" and cfg.dreaming.enabled
                                   and cfg.dreaming.dreamer)
 
-    def shutdown(self) -> None:
-        """Stop this run's actors and release its placement group. Rollout workers close their
-        engines first (vLLM runs its own processes, which killing the actor would orphan)."""
+    def _start_learners(self) -> list:
+        """A learner group at the run's start state (joined into one DeepSpeed group if so set)."""
+        cfg, world = self.cfg, self.cfg.learner.num_workers
+        learners = [ray.remote(self.learner_class).options(**self.actor_opts[f"learner-{r}"])
+                    .remote(cfg, r, world) for r in range(world)]
+        ray.get([w.version.remote() for w in learners])
+        if cfg.learner.backend == "deepspeed":
+            addresses = ray.get([w.rendezvous.remote() for w in learners])
+            same_node = len({a for a, _ in addresses}) == 1
+            addr, port = ("127.0.0.1" if same_node else addresses[0][0]), addresses[0][1]
+            ray.get([w.init_deepspeed.remote(addr, port) for w in learners])
+        return learners
+
+    def _start_pools(self) -> tuple[WorkerPool, WorkerPool]:
+        """The rollout and scorer pools, at the memory they were built with (version 0)."""
+        cfg, opts = self.cfg, self.actor_opts
+        rollouts = [ray.remote(self.rollout_class).options(**opts[f"rollout-{r}"]).remote(cfg)
+                    for r in range(cfg.rollout.num_workers)]
+        scorers = [ray.remote(self.scorer_class).options(**opts[f"scorer-{r}"]).remote(cfg)
+                   for r in range(cfg.scorer.num_workers)]
+        ray.get([w.memory_version.remote() for w in rollouts + scorers])
+        return WorkerPool("rollout", rollouts, self.faults), WorkerPool("scorer", scorers, self.faults)
+
+    def _stop_pools(self) -> None:
+        """Rollout workers close their engines first (vLLM runs its own processes, which killing
+        the actor would orphan)."""
         ray.wait([w.close.remote() for w in self.rollouts], num_returns=len(self.rollouts), timeout=60)
-        for actor in self.learners + self.rollouts + self.scorers:
+        for actor in [*self.rollouts, *self.scorers]:
+            ray.kill(actor)
+
+    def shutdown(self) -> None:
+        """Stop this run's actors and release its placement group."""
+        self._stop_pools()
+        for actor in self.learners:
             ray.kill(actor)
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
@@ -146,13 +195,13 @@ class SleepDriver:
         self.bar.close()
 
     def _learner_group(self, call) -> list:
-        """Fan `call(worker)` out to every learner worker, one ray.get; results by rank."""
-        return ray.get([call(w) for w in self.learners])
-
-    def _rollout(self):
-        """The next rollout worker, round robin (every worker holds the same version)."""
-        self._calls += 1
-        return self.rollouts[self._calls % len(self.rollouts)]
+        """Fan `call(worker)` out to every learner worker; results by rank. A worker's death
+        raises at once, not after the others (blocked in a collective waiting for it) time out."""
+        refs = pending = [call(w) for w in self.learners]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return ray.get(refs)
 
     def telemetry(self) -> dict[str, list[dict]]:
         """Every actor's `telemetry()` (seconds of work per method, peak RSS), by role."""
@@ -164,7 +213,17 @@ class SleepDriver:
 
     def run(self, max_steps: int | None = None) -> dict | None:
         """The whole stream; returns the summary. With `max_steps`, stops (checkpointed) once the
-        clock reaches that step and returns None; a new driver on RUN_DIR goes on from there."""
+        clock reaches that step and returns None; a new driver on RUN_DIR goes on from there.
+        A learner group that dies is replaced from the newest checkpoint (`restart_learners`)."""
+        while True:
+            try:
+                return self._run_stream(max_steps)
+            except RayActorError as err:
+                if err.actor_id not in (None, *map(actor_id, self.learners)):
+                    raise
+                self.restart_learners(err)
+
+    def _run_stream(self, max_steps: int | None) -> dict | None:
         tasks = self.stream.tasks
         for t in range(self.position.task, len(tasks)):
             if not self.learn_task(t, tasks[t], max_steps):
@@ -242,15 +301,15 @@ class SleepDriver:
             raise RuntimeError(f"learner group diverged: versions {versions}")
 
     def publish(self) -> None:
-        """Every rollout worker to the learner's version (a no-op when it did not move)."""
+        """Every rollout worker to the learner's version (a no-op when it did not move); scorers
+        load it with their next call."""
         with self.record.timed("sync"):
             version = ray.get(self.learners[0].version.remote())
             if version == self.published:
                 return
             self.state_ref = self.learners[0].memory_state.remote()  # in the object store once
-            held = ray.get([w.load_memory.remote(self.state_ref) for w in self.rollouts])
-            if set(held) != {version}:
-                raise RuntimeError(f"rollout workers hold versions {held}, expected {version}")
+            self.rollouts.publish(self.state_ref, version)
+            self.scorers.expect(self.state_ref, version)
             self.published = version
 
     def consolidate(self, source: int, target: int, step: int) -> dict[str, float]:
@@ -260,7 +319,7 @@ class SleepDriver:
         with self.record.timed(phase):
             teacher_seed = phase_seed(seed, step, f"{phase}/teacher")
             prompts, caps = ray.get(self.learners[0].seeding_prompts.remote(source, teacher_seed))
-            completions = ray.get(self._rollout().generate.remote(
+            completions = self.rollouts.call(lambda w: w.generate.remote(
                 prompts, max(caps), s.temperature, teacher_seed,
                 state=self.state_ref)) if prompts else []
             data = seeding_data(prompts, completions, caps)
@@ -296,28 +355,27 @@ class SleepDriver:
         with self.record.timed("dream/generate"):
             if self.dreams_on_learner:
                 return ray.get(self.learners[0].dreams.remote(context, seed))
-            return ray.get(self._rollout().dreams.remote(context, seed, state=self.state_ref))
+            return self.rollouts.call(lambda w: w.dreams.remote(context, seed, state=self.state_ref))
 
     def importance(self, dreams: list, expert: tuple[int, int]) -> list[float]:
         """omega of every dream, the dreams spread over the scorer pool in contiguous slices.
         Scorers score the published version: the learner has not moved since `publish`."""
         with self.record.timed("dream/importance"):
-            refs = [w.importance.remote(part, expert, self.state_ref)
-                    for w, part in zip(self.scorers, _split(dreams, len(self.scorers)))]
-            return [x for part in ray.get(refs) for x in part]
+            fan = self.scorers.submit(lambda w, part: w.importance.remote(part, expert, self.state_ref),
+                                      _split(dreams, len(self.scorers)))
+            return [x for part in self.scorers.gather(fan) for x in part]
 
     def lora_rewards(self, kept: list, tau: list, seed: int) -> tuple[list[float], float, list[float]]:
         """Reward per kept dream from its isolated LoRA copy, spread over the scorer pool."""
         with self.record.timed("dream/lora"):
-            refs = self.submit_lora_rewards(kept, tau, seed)
-            parts = ray.get(refs)
+            parts = self.scorers.gather(self.submit_lora_rewards(kept, tau, seed))
         rewards = [r for part, _, _ in parts for r in part]
         taus = [x for _, _, part in parts for x in part]
         return rewards, parts[0][1], taus
 
-    def submit_lora_rewards(self, kept: list, tau: list, seed: int) -> list:
-        return [w.lora_rewards.remote(part, tau, self.state_ref, seed)
-                for w, part in zip(self.scorers, _split(kept, len(self.scorers)))]
+    def submit_lora_rewards(self, kept: list, tau: list, seed: int) -> Fanout:
+        return self.scorers.submit(lambda w, part: w.lora_rewards.remote(part, tau, self.state_ref, seed),
+                                   _split(kept, len(self.scorers)))
 
     def evaluate(self, t: int) -> None:
         self.show(f"evaluate after task {t}")
@@ -380,6 +438,40 @@ class SleepDriver:
                                 memory_versions=rec["memory_versions"])
         self.record.phase_seconds.update(rec["phase_seconds"])
         return True
+
+    # ------------------------------------------------------------------ a lost learner
+
+    def restart_learners(self, err: RayActorError) -> None:
+        """A learner died (`err`): kill what is left of its group, start a new one from the
+        newest checkpoint (or the run's start when there is none) and put the stream position,
+        clock, run record and metrics.jsonl back to it, so the loop replays the wake steps since.
+        Rollout and scorer workers that hold memory from the lost steps are replaced too: the
+        replay publishes older versions, which they would refuse."""
+        found = self.checkpoints()
+        newest = found[-1] if found else None
+        restarts = 1 + sum(isinstance(f, LearnerRestart) for f in self.faults)
+        if restarts > self.cfg.run.max_learner_restarts:
+            where = f"resume from {newest}" if newest else "start over (no checkpoint yet)"
+            raise LearnerLostError(
+                f"the learner group died at step {self.clock.step} and run.max_learner_restarts="
+                f"{self.cfg.run.max_learner_restarts} restarts are used up; rerun on {self.run_dir} "
+                f"to {where}") from err
+        log.warning("learner died at step %d; new learner group from %s", self.clock.step,
+                    newest.name if newest else "the run's start")
+        self.faults.append(LearnerRestart(self.clock.step, newest.name if newest else ""))
+        self.bar.close()
+        for actor in self.learners:
+            ray.kill(actor)
+        self.learners = self._start_learners()
+        if not self.resume():
+            self.position, self.clock, self.record = Position(), CMSClock(self.cfg.schedule), RunRecord()
+        if max(self.rollouts.version, self.scorers.version) > ray.get(self.learners[0].version.remote()):
+            self._stop_pools()
+            self.rollouts, self.scorers = self._start_pools()
+        self.published, self.state_ref = -1, None  # a fresh state reference from the new group
+        self._metrics.close()
+        self._metrics = MetricsLogger(self.run_dir)
+        self._metrics.restore(self.record.metrics)
 
 
 def _split(items: list, parts: int) -> list[list]:

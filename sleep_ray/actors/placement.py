@@ -17,8 +17,9 @@ from sleep_ray.config import SleepConfig
 
 Role = Literal["learner", "rollout", "scorer"]
 # Rollout and scorer workers hold nothing that is not re-sent with each call (the published
-# state): Ray may restart them and retry their calls. The learner holds the run's state: if it
-# dies, the run resumes from its newest checkpoint instead.
+# state): Ray restarts them, and the driver's `WorkerPool` (actors/pool.py) re-publishes to a
+# restarted worker and resends its lost call, so Ray itself retries no task. The learner holds the
+# run's state: the driver starts a new learner group from the newest checkpoint instead.
 RESTARTS = {"learner": 0, "rollout": 2, "scorer": 2}
 GIB = 2**30
 
@@ -70,7 +71,7 @@ def make_placement_group(plan: list[ActorSpec]):
 def actor_options(spec: ActorSpec, index: int, pg=None) -> dict:
     """Keyword arguments of `ray.remote(...)` for `spec`, bundle `index` of `pg` when given."""
     opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
-            "max_restarts": RESTARTS[spec.role], "max_task_retries": RESTARTS[spec.role]}
+            "max_restarts": RESTARTS[spec.role], "max_task_retries": 0}
     if pg is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
