@@ -1,4 +1,4 @@
-"""`sleep-ray bench systems`: the six systems measurements of sleep_ray, one table, one command.
+"""`sleep-ray bench systems`: the seven systems measurements of sleep_ray, one table, one command.
 
     python benchmarks/systems.py --output runs/bench_systems            # full (< 15 min, 2 cores)
     python benchmarks/systems.py --output /tmp/s --quick --rows importance,overhead
@@ -14,6 +14,8 @@ Rows (each a pair measured in the same run, on the same model and data; `Row` in
 5. driver overhead: the fraction of the wake/sleep cycle's wall time outside actor work, per
    phase, on the tiny default over Ray; extrapolated to Qwen3-8B (assumptions in the details)
 6. peak resident memory of each actor type (same run as 5)
+7. dream rewards: k = 8 copies of the newest expert trained and scored in one batched pass vs
+   one copy after the other (and the LoRA copies of `dreaming.reward_copy: lora`)  `bench/systems_learner.py`
 
 Ratio convention: bigger is better. Row 5's ratio is goal/measured overhead fraction (goal
 overhead 0.10, so ratio >= 1 meets it). Row 6 has no goal (ratio and goal n/a). `--profile` adds
@@ -43,7 +45,7 @@ from pathlib import Path
 
 from sleep_ray.bench.rows import Row
 from sleep_ray.bench.systems_driver import check_profiler, memory_row, overhead_row, ray_run
-from sleep_ray.bench.systems_learner import importance_rows, seeding_rows
+from sleep_ray.bench.systems_learner import importance_rows, rewards_rows, seeding_rows
 
 NAN = float("nan")
 
@@ -65,6 +67,7 @@ ROW_GROUPS = (
     RowGroup("seeding", 4, "knowledge seeding tokens/s vs TRL GKDTrainer"),
     RowGroup("overhead", 5, "driver overhead of the wake/sleep cycle"),
     RowGroup("memory", 6, "peak resident memory per actor type"),
+    RowGroup("rewards", 7, "dream rewards: k batched copies vs k sequential copies"),
 )
 
 
@@ -104,7 +107,7 @@ def row_functions(quick: bool, workdir: Path, profile: bool = False) -> dict[str
     return {"rollout": lambda: _rollout_rows(quick), "publish": lambda: _publish_rows(quick),
             "importance": lambda: importance_rows(quick, profile), "seeding": lambda: seeding_rows(quick),
             "overhead": lambda: [overhead_row(cache.get())],
-            "memory": lambda: [memory_row(cache.get())]}
+            "memory": lambda: [memory_row(cache.get())], "rewards": lambda: rewards_rows(quick)}
 
 
 def run_rows(keys: Sequence[str], quick: bool, workdir: Path,

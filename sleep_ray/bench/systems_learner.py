@@ -1,5 +1,6 @@
-"""Rows 3 and 4 of the systems benchmark: dream importance (batched vs one backward per dream)
-and knowledge seeding (ours vs TRL's `GKDTrainer`), on the tiny default model.
+"""Rows 3, 4 and 7 of the systems benchmark: dream importance (batched vs one backward per dream),
+knowledge seeding (ours vs TRL's `GKDTrainer`) and dream rewards (k batched copies vs k
+sequential copies), on the tiny default model.
 
 Both run in this process on one torch thread, each pair on the same model and inputs;
 `bench/systems.py` gathers the rows into the table.
@@ -28,8 +29,9 @@ from sleep_ray.config import SleepConfig
 
 
 def _dream_setup(cfg: SleepConfig, num_dreams: int):
-    """(model, pad id, dreams, newest expert): the tiny default with its dreamer adapter and a
-    freshly consolidated level-2 expert, and m dreams sampled as the dream phase samples them."""
+    """(model, tokenizer, dreams, newest expert, tau examples): the tiny default with its dreamer
+    adapter and a freshly consolidated level-2 expert, m dreams sampled as the dream phase
+    samples them, and the task's held-out slice that tau is scored on."""
     from sleep_ray.data import stream_from_config
     from sleep_ray.model import memory as M
     from sleep_ray.sleep import dreaming
@@ -44,7 +46,7 @@ def _dream_setup(cfg: SleepConfig, num_dreams: int):
                                      cfg.data.max_length // 2)
     d = replace(cfg.dreaming, num_dreams=num_dreams)
     dreams = dreaming.generate_dreams(model, tok, context, d, cfg.run.seed)
-    return model, tok.pad_token_id, dreams, expert
+    return model, tok, dreams, expert, list(task.val[:cfg.dreaming.tau_examples])
 
 
 def _importance_pair(cfg: SleepConfig, num_dreams: int, reps: int) -> dict:
@@ -53,7 +55,8 @@ def _importance_pair(cfg: SleepConfig, num_dreams: int, reps: int) -> dict:
     from sleep_ray.model import memory as M
     from sleep_ray.sleep import dreaming
 
-    model, pad, dreams, expert = _dream_setup(cfg, num_dreams)
+    model, tok, dreams, expert, _ = _dream_setup(cfg, num_dreams)
+    pad = tok.pad_token_id
     batch = dreaming._dream_batch(dreams, pad)
     params = {n: p.detach() for n, p in M.expert_parameters(model, *expert)}
     # What the dream phase runs (expert-structure per-sample gradients), the generic torch.func
@@ -113,6 +116,59 @@ def importance_rows(quick: bool, profile: bool = False) -> list[Row]:
                 ours_label="one batched backward (dream_importance)", ours=main["batched_s"], unit="s",
                 ratio=main["speedup"], goal=5.0, limits=limits,
                 details={"reps": sizes.reps, "config_m": main, "m_x4": big, "notes": notes})]
+
+
+# ====================================================================== row 7: dream rewards
+
+
+def _rewards_pair(cfg: SleepConfig, k: int, reps: int) -> dict:
+    """Median seconds of the k dream rewards three ways on the same dreams and tau slice: k
+    stacked copies of the newest expert in one batched pass, the same copies one after the other
+    (`apply_dreams` on the model), and the peft LoRA copies of `reward_copy: lora`."""
+    from sleep_ray.sleep import dreaming
+
+    model, tok, dreams, expert, tau = _dream_setup(cfg, k)
+    d, ml = cfg.dreaming, cfg.data.max_length
+    runs = {"batched": lambda: dreaming.expert_copy_rewards(model, tok, dreams, tau, expert, d, ml),
+            "loop": lambda: dreaming.expert_copy_rewards_loop(model, tok, dreams, tau, expert, d, ml),
+            "lora": lambda: dreaming.lora_copy_rewards(model, tok, dreams, tau, d, ml, cfg.run.seed)}
+    out = {name: fn() for name, fn in runs.items()}  # also the warm-up
+    diff = max(abs(a - b) for a, b in zip(out["batched"][2], out["loop"][2]))
+    if diff > 1e-4 or out["batched"][0] != out["loop"][0]:
+        raise AssertionError(f"batched and loop copies differ: max |tau diff| {diff:.3g}, rewards "
+                             f"{out['batched'][0]} vs {out['loop'][0]}")
+    samples = {name: [] for name in runs}
+    for _ in range(reps):  # interleaved, so that load on the shared cores hits all three
+        for name, fn in runs.items():
+            samples[name].append(median_seconds(fn, 1, warmup=0)[0])
+    t = {name: statistics.median(v) for name, v in samples.items()}
+    return {"k": len(dreams), "tau_examples": len(tau), "dream_tokens": len(dreams[0].context)
+            + max(len(x.tokens) for x in dreams), "steps": d.apply_steps, "seconds": t,
+            "samples": samples, "max_abs_tau_diff": diff, "rewards": out["batched"][0],
+            "lora_rewards": out["lora"][0], "speedup": t["loop"] / t["batched"]}
+
+
+def rewards_rows(quick: bool) -> list[Row]:
+    """Row 7: the rewards of k = 8 dreams, batched copies vs one copy after the other."""
+    sizes, cfg = Sizes.of(quick), tiny_config(quick)
+    with _threads(1):
+        r = _rewards_pair(cfg, 8, max(sizes.reps, 5 if not quick else 1))
+    t = r["seconds"]
+    notes = [f"k={r['k']} kept dreams of {r['dream_tokens']} tokens (context + dream), "
+             f"{r['steps']} Adam steps each (dreaming.apply_steps/apply_lr), tau on "
+             f"{r['tau_examples']} held-out examples; taus equal (max |diff| "
+             f"{r['max_abs_tau_diff']:.1e}), rewards equal {r['rewards']}",
+             f"reward_copy=lora (peft LoRA copies, deep copy of the model, inner_steps="
+             f"{tiny_config(quick).dreaming.inner_steps}): {t['lora']:.3f} s = "
+             f"{t['lora'] / t['batched']:.1f}x the batched expert copies; rewards {r['lora_rewards']}"]
+    limits = ("the k copies' tau passes (k x the held-out slice, one batch) are compute-bound on "
+              "the 64-wide model already at the loop's batch of 8 examples; batching gains on the "
+              "training steps (batch 1 -> k) and per-op overhead; 1 torch thread")
+    return [Row(name="dream rewards: k=8 copies in one batched pass vs k sequential copies (tiny)",
+                baseline_label="loop: apply_dreams per dream, tau, restore", baseline=t["loop"],
+                ours_label="stacked expert copies (expert_copy_rewards)", ours=t["batched"],
+                unit="s", ratio=r["speedup"], goal=3.0, limits=limits,
+                details={"reps": len(r["samples"]["loop"]), "result": r, "notes": notes})]
 
 
 @contextlib.contextmanager
