@@ -237,3 +237,79 @@ def test_expert_structure_leaves_the_model_untouched():
         assert p.requires_grad == flags[n], n
     assert [len(p._forward_hooks) for p in pools] == hooks
     assert all("gates" not in vars(p) for p in pools)
+
+
+def _shared_context_batch(n=5, context=6, t=14, vocab=64):
+    """Dreams on one context: every row starts with the same `context` tokens (unlabelled),
+    then its own tokens, some right-padded; rows 1 and 2 also share their first dream token."""
+    ids, labels = _batch(n=n, t=t, vocab=vocab)
+    ids[:, :context] = ids[0, :context]
+    ids[2, context] = ids[1, context]
+    labels = ids.clone()
+    labels[:, :context] = -100
+    labels[1, 10:] = labels[3, 12:] = -100
+    return ids, labels
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_shared_context_runs_once_and_norms_equal_the_loop(monkeypatch, attn_implementation):
+    """Dreams share their context C: the prefix runs once (one row, KV cache), and each dream's
+    gradient through the cache comes back by a batched vector-Jacobian product."""
+    from sleep_ray.algo import importance
+
+    model, M = _qwen3_with_memory(attn_implementation=attn_implementation)
+    ids, labels = _shared_context_batch()
+    assert importance.shared_prefix(ids, first=5) == 5  # capped at the first predicting position
+    calls = []
+    prefix_pass = importance._prefix_cached_pass
+    monkeypatch.setattr(importance, "_prefix_cached_pass",
+                        lambda *a: calls.append(a[4].shape) or prefix_pass(*a))
+    newest = M.active_experts(model, 2)[-1]
+    for params in (_expert(model, M, 2, newest), _expert(model, M, 2), _expert(model, M, 1),
+                   {n: p * 1.5 for n, p in _expert(model, M, 2).items()}):
+        cached = importance.expert_grad_norms(model, params, ids, labels, prefix_min_tokens=0)
+        assert len(calls) == 1 and calls.pop() == (5, 14)
+        full = importance.expert_grad_norms(model, params, ids, labels, prefix_min_tokens=None)
+        loop = per_sample_grad_norms_loop(model, params, ids, labels)
+        torch.testing.assert_close(cached, loop, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-7)
+        assert (cached > 0).all()
+    # The prefix runs once only when it saves enough: here (5 - 1) * 5 = 20 token positions.
+    importance.expert_grad_norms(model, params, ids, labels, prefix_min_tokens=21)
+    assert not calls
+    importance.expert_grad_norms(model, params, ids, labels, prefix_min_tokens=20)
+    assert len(calls) == 1
+
+
+def test_sequence_routing_does_not_use_the_prefix_cache(monkeypatch):
+    # The prefix mean of sequence routing is not in the KV cache: the full pass runs.
+    from sleep_ray.algo import importance
+
+    model, M = _qwen3_with_memory(routing="sequence")
+    monkeypatch.setattr(importance, "_prefix_cached_pass", None)  # would raise if called
+    ids, labels = _shared_context_batch()
+    params = _expert(model, M, 2)
+    torch.testing.assert_close(importance.expert_structure_grad_norms(model, params, ids, labels,
+                                                                      prefix_min_tokens=0),
+                               per_sample_grad_norms_loop(model, params, ids, labels),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_prefix_cached_pass_leaves_the_model_untouched():
+    from sleep_ray.algo.importance import expert_grad_norms
+
+    model, M = _qwen3_with_memory()
+    trained = set(_expert(model, M, 2))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trained)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    pools = [p for m in M.memories(model) for p in m.levels]
+    assert not any(p.active.any() for p in pools if p.level == 3)  # idle: not run in the pass
+    ids, labels = _shared_context_batch()
+    norms = expert_grad_norms(model, _expert(model, M, 2), ids, labels, prefix_min_tokens=0)
+    torch.testing.assert_close(norms, per_sample_grad_norms_loop(model, _expert(model, M, 2), ids, labels),
+                               rtol=1e-4, atol=1e-7)
+    for n, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
+    assert all(not vars(p).keys() & {"forward", "routed_gates"} for p in pools)
+    assert all(not p._forward_hooks for p in pools)
