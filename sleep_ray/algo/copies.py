@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from sleep_ray.algo.importance import _expert_plan, sft_loss
+from sleep_ray.algo.importance import _expert_plan, _idle_pools, sft_loss
 
 
 def stack_copies(params: dict[str, Tensor], k: int) -> dict[str, Tensor]:
@@ -174,7 +174,8 @@ def copies_plan(model: nn.Module, stacked: dict[str, Tensor]) -> dict[str, dict]
 
 
 @contextlib.contextmanager
-def expert_copies(plan: dict[str, dict], copies: dict[str, Tensor], k: int) -> Iterator[None]:
+def expert_copies(model: nn.Module, plan: dict[str, dict], copies: dict[str, Tensor], k: int
+                  ) -> Iterator[None]:
     """Inside the block, rows [c*n, (c+1)*n) of a forward's batch (k*n rows) run with copy c
     {name: (k, ...)} of the planned experts in place of the model's own.
 
@@ -183,9 +184,10 @@ def expert_copies(plan: dict[str, dict], copies: dict[str, Tensor], k: int) -> I
     forward hook adds copy c's term to row block c, as the pool computes it:
     scale * ((g_e * x A_c) B_c). The gates come from the pool's own `routed_gates`, recorded in
     the forward. `copies` may hold tensors that require grad: their gradients are then exact
-    per-copy gradients (a row block's loss depends on its own copy only).
+    per-copy gradients (a row block's loss depends on its own copy only). Pools with no active
+    expert outside the plan return zeros without running (their output is exactly zero).
     """
-    handles, wrapped, saved, gates = [], [], [], {}
+    handles, wrapped, saved, gates, idle = [], [], [], {}, []
 
     def recorder(key, routed_gates):
         def record(x):
@@ -214,12 +216,17 @@ def expert_copies(plan: dict[str, dict], copies: dict[str, Tensor], k: int) -> I
                 object.__setattr__(pool, "routed_gates", recorder(key, pool.routed_gates))
                 wrapped.append(pool)
                 handles.append(pool.register_forward_hook(hook(key, entry)))
+            for pool in _idle_pools(model, plan):
+                object.__setattr__(pool, "forward", torch.zeros_like)
+                idle.append(pool)
         yield
     finally:
         for h in handles:
             h.remove()
         for pool in wrapped:
             del pool.__dict__["routed_gates"]
+        for pool in idle:
+            del pool.__dict__["forward"]
         with torch.no_grad():
             for p, value in saved:
                 p.copy_(value)
@@ -248,7 +255,7 @@ def _structure_grads(model: nn.Module, plan: dict[str, dict], stacked: dict[str,
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with expert_copies(plan, leaves, input_ids.shape[0]):
+        with expert_copies(model, plan, leaves, input_ids.shape[0]):
             out = model(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out  # (k, L, V)
         losses = per_sample_sft_loss(logits, labels[:, -logits.shape[1]:])

@@ -256,7 +256,7 @@ def _copies_logprobs(model: nn.Module, copies: dict[str, torch.Tensor],
             if plan is not None:
                 repeated = Batch(batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1),
                                  batch.labels.repeat(k, 1))  # (k * n, T)
-                with expert_copies(plan, copies, k):
+                with expert_copies(model, plan, copies, k):
                     sums, counts = _batch_logprobs(model, repeated)
                 total[:, idx], count[idx] = sums.view(k, -1), counts[:len(idx)]
             else:
