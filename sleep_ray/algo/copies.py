@@ -48,8 +48,8 @@ class AdamCopies:
 
     @classmethod
     def zeros(cls, stacked: dict[str, Tensor]) -> AdamCopies:
-        k = next(iter(stacked.values())).shape[0]
-        return cls(torch.zeros(k, dtype=torch.float64),
+        first = next(iter(stacked.values()))
+        return cls(torch.zeros(first.shape[0], dtype=torch.float64, device=first.device),
                    {n: torch.zeros_like(p) for n, p in stacked.items()},
                    {n: torch.zeros_like(p) for n, p in stacked.items()})
 
@@ -75,8 +75,8 @@ def adam_step(stacked: dict[str, Tensor], grads: dict[str, Tensor], state: AdamC
         g = torch.where(keep, grads[n], torch.zeros_like(grads[n]))  # no nan into the moments
         m = torch.where(keep, state.exp_avg[n].lerp(g, 1 - b1), state.exp_avg[n])
         v = torch.where(keep, state.exp_avg_sq[n] * b2 + (1 - b2) * g * g, state.exp_avg_sq[n])
-        denom = v.sqrt() / bc2_sqrt.view(view) + eps
-        out[n] = torch.where(keep, p - step_size.view(view) * m / denom, p)
+        denom = v.sqrt() / bc2_sqrt.to(p.dtype).view(view) + eps
+        out[n] = torch.where(keep, p - step_size.to(p.dtype).view(view) * m / denom, p)
         state.exp_avg[n], state.exp_avg_sq[n] = m, v
     return out
 
@@ -116,8 +116,8 @@ def _train(grad_fn: Callable, stacked: dict[str, Tensor], k: int, steps: int, lr
            ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """The Adam loop of both paths; grad_fn(stacked) -> ({name: (k, ...)} grads, (k,) losses)."""
     state = AdamCopies.zeros(stacked)
-    losses = torch.full((k,), float("nan"))
-    skipped = torch.zeros(k, dtype=torch.long)
+    losses = torch.full((k,), float("nan"), device=state.step.device)
+    skipped = torch.zeros(k, dtype=torch.long, device=state.step.device)
     for _ in range(steps):
         with torch.enable_grad():
             grads, losses = grad_fn(stacked)
