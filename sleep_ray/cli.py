@@ -7,6 +7,7 @@
     sleep-ray bench consolidation --path ... --output DIR what each consolidation keeps
     sleep-ray bench systems [--quick] [--rows ...]        the six systems rows (systems.md)
     sleep-ray serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key K]   OpenAI-compatible API
+    sleep-ray serve RUN_DIR --learn --learn-api-key L     ... that keeps learning what it is taught
 
 Every command takes --log-level (INFO: phase timings) and --debug. Expected failures (a bad config
 field, a missing file, an invalid value) end with exit status 2 and one line on stderr,
@@ -152,7 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sleep_ray.serve import main as serve_main
 
-    return serve_main(args.run_dir, host=args.host, port=args.port, api_key=args.api_key)
+    return serve_main(args.run_dir, host=args.host, port=args.port, api_key=args.api_key,
+                      learn=True if args.learn else None, learn_api_keys=tuple(args.learn_api_key))
 
 
 def _sub(sub, name: str, summary: str, example: str, **kw) -> argparse.ArgumentParser:
@@ -200,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                                                    "(default: $SLEEP_RAY_API_KEY, else none)")
+    p.add_argument("--learn", action="store_true",
+                   help="learn while serving: POST /v1/sleep/learn, the SleepDriver waking on what "
+                        "it is taught, sleeping on schedule and when idle (RUN_DIR's serve.learn "
+                        "section; on without this flag when serve.learn.enabled is true)")
+    p.add_argument("--learn-api-key", action="append", default=[], metavar="KEY",
+                   help="a key the learn routes accept (repeatable; separate from --api-key; "
+                        "default: $SLEEP_RAY_LEARN_API_KEY)")
     p.set_defaults(func=cmd_serve)
     return ap
 

@@ -426,6 +426,49 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LearnConfig:
+    """Learning while serving (`sleep-ray serve RUN_DIR --learn`; sleep_ray/serve/loop.py): the
+    wake stream is what `POST /v1/sleep/learn` stores, batches of `data.batch_size`; sleeps come
+    on the CMS schedule (`schedule`) and, beyond the paper, when the deployment is idle."""
+
+    enabled: bool = False
+    # Sleep (consolidate level 1 into 2) when no item has arrived for this many seconds and wake
+    # steps are pending since the last sleep, so consolidation runs when users are not waiting
+    # (0: only on the CMS schedule).
+    idle_seconds: float = 60.0
+    # Wake on a partial batch once its oldest item has waited this long (seconds).
+    batch_wait_seconds: float = 2.0
+    poll_seconds: float = 0.5  # how often the loop looks for new items
+    # Also checkpoint, hence publish to the replicas, every that many wake steps (0: after sleeps
+    # only: what is served is what was consolidated).
+    publish_every: int = 0
+    keep_versions: int = 8  # published versions kept for `POST /v1/sleep/rollback`
+    max_item_chars: int = 8192  # a longer text, prompt or completion: 400 naming this limit
+    max_items_per_request: int = 256
+    max_body_bytes: int = 1 << 20  # a larger learn request: 413
+    rate_limit_items: int = 600  # items a key may send per minute (each replica): 429 past it
+
+    def validate(self, at: str) -> None:
+        for name in ("idle_seconds", "batch_wait_seconds", "publish_every"):
+            if getattr(self, name) < 0:
+                _fail(f"{at}.{name}", getattr(self, name), "must be >= 0")
+        for name in ("poll_seconds", "keep_versions", "max_item_chars", "max_items_per_request",
+                     "max_body_bytes", "rate_limit_items"):
+            if getattr(self, name) <= 0:
+                _fail(f"{at}.{name}", getattr(self, name), "must be positive")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`sleep-ray serve` (sleep_ray/serve/); command-line flags override it."""
+
+    learn: LearnConfig = field(default_factory=LearnConfig)
+
+    def validate(self, at: str) -> None:
+        self.learn.validate(f"{at}.learn")
+
+
+@dataclass(frozen=True)
 class SleepConfig:
     """The whole configuration of a run."""
 
@@ -439,6 +482,7 @@ class SleepConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> SleepConfig:
         for f in dataclasses.fields(self):

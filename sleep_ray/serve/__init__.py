@@ -20,7 +20,10 @@ import importlib
 
 _EXPORTS = {
     "app": ("APP_NAME", "DEFAULT_MODEL_NAME", "DEPLOYMENT_NAME", "SleepLLM",
-            "build_app", "main", "start"),
+            "build_app", "learn_config", "main", "start"),
+    "loop": ("LEARNER_NAME", "LearningLoop", "SleepLearner"),
+    "store": ("LearnStore", "TaughtItem", "key_id"),
+    "intake": ("Intake", "check_learn_key", "learn_items"),
     "memory": ("MemoryGate", "newest_memory_source", "read_memory"),
     "requests": ("MAX_BODY_BYTES", "APIError", "ParsedRequest", "TextDeltas", "chat_prompt",
                  "chat_request", "chat_template_ids", "check_api_key", "check_body_size",

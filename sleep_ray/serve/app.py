@@ -1,10 +1,20 @@
 """The OpenAI-compatible Ray Serve app over a run's memory-carrying model (Ray Serve + vLLM).
 
     sleep-ray serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                            [--learn --learn-api-key LEARN_KEY]
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
 server-sent events in OpenAI's chunk format, ending in `data: [DONE]`), `GET /v1/models` (each
-model carries `memory_version`) and `GET /v1/sleep/version` (`{"model", "version", "source"}`).
+model carries `memory_version`), `GET /v1/sleep/version` and `GET /v1/sleep/status`
+(`{"model", "version", "source"}`, and with learning on `"learning"`: the loop's phase, step,
+pending items and wake steps, last sleep, versions kept).
+
+Learning (`sleep-ray serve RUN_DIR --learn`): `POST /v1/sleep/learn`, `GET` / `DELETE
+/v1/sleep/learn/{id}` and `POST /v1/sleep/rollback`, under their own keys. The checks are in
+`serve/intake.py`, the items in `serve/store.py` (SQLite in RUN_DIR/learn), the learning loop
+in `serve/loop.py` (the `SleepLearner` deployment, bound beside this one); new memory versions
+reach this replica by the same hot reload as a run's checkpoints. Without `--learn` these routes
+answer 404.
 
 Route choice: a plain Serve deployment (`@serve.ingress` over a FastAPI app) that owns one
 `sleep_ray.engines.vllm_async.AsyncVLLMEngine` (vLLM's `AsyncLLM`), not `ray.serve.llm`. The
@@ -54,10 +64,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from ray.serve.handle import DeploymentHandle
+
+from sleep_ray.config import LearnConfig
+from sleep_ray.serve.intake import Intake
+from sleep_ray.serve.loop import SleepLearner
 from sleep_ray.serve.memory import MemoryGate, newest_memory_source, read_memory
-from sleep_ray.serve.requests import (MAX_BODY_BYTES, APIError, TextDeltas, chat_request,
-                                      chat_template_ids, check_api_key, completion_request,
-                                      error_body, read_body)
+from sleep_ray.serve.requests import (MAX_BODY_BYTES, APIError, TextDeltas, chat_prompt,
+                                      chat_request, chat_template_ids, check_api_key,
+                                      completion_request, error_body, parse_body, read_body)
+from sleep_ray.serve.store import LearnStore
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +110,11 @@ class SleepLLM:
     async def __init__(self, run_dir: str, *, api_key: str | None = None,
                        model_name: str | None = None, poll_s: float = 2.0,
                        kv_cache_gib: float | None = None, max_num_seqs: int = 64,
-                       gate_wait_s: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES):
+                       gate_wait_s: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
+                       learn: LearnConfig | None = None, learn_api_keys: tuple[str, ...] = (),
+                       learner: DeploymentHandle | None = None):
+        """`learn` (with `learn_api_keys` and the `SleepLearner` handle `learner`): the learn
+        routes are on; without it they answer 404."""
         # async: vLLM's AsyncLLM binds to the running loop, which is the one serving requests
         from transformers import AutoTokenizer
 
@@ -118,6 +138,10 @@ class SleepLLM:
         self.vocab_size = max(int(config.get("vocab_size") or 0), len(self.tok))
         self.max_body_bytes = max_body_bytes
         self.gate = MemoryGate(gate_wait_s)
+        self.learner, self.intake, self._told = learner, None, 0.0
+        if learn is not None:
+            self.intake = Intake(LearnStore.for_run(self.run_dir), tuple(learn_api_keys), learn,
+                                 self._chat_text)
         self._poller = asyncio.get_running_loop().create_task(self._poll(poll_s))
 
     def _write_model(self, cfg) -> tuple[Path, int, str | None]:
@@ -191,8 +215,23 @@ class SleepLLM:
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def _chat_text(self, messages: list[dict]) -> str:
+        """The prompt text the chat route would give the model for `messages` (for learning)."""
+        if not getattr(self.tok, "chat_template", None):
+            return chat_prompt(messages)
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _note_activity(self) -> None:
+        """Tell the learning loop that users are here (at most once a second): it sleeps only
+        when the deployment has been idle (`serve.learn.idle_seconds`)."""
+        now = time.monotonic()
+        if self.learner is not None and now - self._told >= 1.0:
+            self._told = now
+            self.learner.note_activity.remote()  # fire and forget
+
     async def _run(self, ids: list[int], sampling: dict) -> AsyncIterator[tuple[int, list[int]]]:
         """(memory version, new token ids) as the engine yields them, inside the gate."""
+        self._note_activity()
         async with self.gate.admit():
             version = self.engine.memory_version()
             yield version, []
@@ -249,8 +288,59 @@ class SleepLLM:
     @app.get("/v1/sleep/version")
     async def version(self, request: Request):
         check_api_key(request.headers.get("authorization"), self.api_key)
-        return {"model": self.model_name, "version": self.engine.memory_version(),
-                "source": self.source}
+        return await self._status()
+
+    @app.get("/v1/sleep/status")
+    async def status(self, request: Request):
+        check_api_key(request.headers.get("authorization"), self.api_key)
+        return await self._status()
+
+    async def _status(self) -> dict:
+        """The served memory version; with learning on, the loop's phase, pending items and wake
+        steps, and the last sleep (`LearningLoop.status`)."""
+        out = {"model": self.model_name, "version": self.engine.memory_version(),
+               "source": self.source}
+        if self.learner is not None:
+            out["learning"] = await self.learner.status.remote()
+        return out
+
+    # ------------------------------------------------------------------ learning routes
+
+    def _learning(self) -> Intake:
+        if self.intake is None:
+            raise APIError(404, "Learning is off on this server (start it with --learn).",
+                           code="learning_off")
+        return self.intake
+
+    @app.post("/v1/sleep/learn")
+    async def learn(self, request: Request):
+        out = await self._learning().teach(request)
+        self._note_activity()
+        return out
+
+    @app.get("/v1/sleep/learn/{item_id}")
+    async def learn_item(self, item_id: str, request: Request):
+        return await self._learning().item(request, item_id)
+
+    @app.delete("/v1/sleep/learn/{item_id}")
+    async def withdraw(self, item_id: str, request: Request):
+        return await self._learning().item(request, item_id, withdraw=True)
+
+    @app.post("/v1/sleep/rollback")
+    async def rollback(self, request: Request):
+        """Serve memory version N again (as a new version; the learner goes on from it)."""
+        intake = self._learning()
+        intake.sender(request)
+        body = parse_body(await read_body(request, intake.cfg.max_body_bytes))
+        version = body.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise APIError(400, "'version' must be a memory version (a non-negative integer).",
+                           param="version", code="invalid_value")
+        out = await self.learner.rollback.remote(version)
+        if "error" in out:
+            raise APIError(404, f"Version {version} is not kept; kept versions: {out['kept']}.",
+                           param="version", code="version_not_kept")
+        return out
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -305,41 +395,77 @@ class SleepLLM:
 
 def build_app(run_dir: str | Path, *, api_key: str | None = None, model_name: str | None = None,
               poll_s: float = 2.0, kv_cache_gib: float | None = None, max_num_seqs: int = 64,
-              max_body_bytes: int = MAX_BODY_BYTES):
-    """The bound Serve application for RUN_DIR (pass it to `serve.run`)."""
+              max_body_bytes: int = MAX_BODY_BYTES, learn: LearnConfig | None = None,
+              learn_api_keys: tuple[str, ...] = ()):
+    """The bound Serve application for RUN_DIR (pass it to `serve.run`). With `learn`: the learn
+    routes, and the `SleepLearner` deployment running the learning loop on RUN_DIR."""
+    from dataclasses import replace
+
+    from sleep_ray.config import load_config
+
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sleep-ray run folder)")
+    learner = None
+    if learn is not None:
+        if not learn_api_keys:
+            raise ValueError("--learn needs a learn API key (--learn-api-key KEY or "
+                             "SLEEP_RAY_LEARN_API_KEY): learning changes the model for every user")
+        cfg = load_config(run_dir / "config.yaml")
+        cfg = replace(cfg, serve=replace(cfg.serve, learn=replace(learn, enabled=True)))
+        learner = SleepLearner.bind(str(run_dir), cfg)
     return SleepLLM.bind(str(run_dir), api_key=api_key, model_name=model_name, poll_s=poll_s,
                          kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
-                         max_body_bytes=max_body_bytes)
+                         max_body_bytes=max_body_bytes, learn=learn,
+                         learn_api_keys=tuple(learn_api_keys), learner=learner)
+
+
+def learn_config(run_dir: str | Path, learn: bool | LearnConfig | None) -> LearnConfig | None:
+    """What `learn` asks for: None follows RUN_DIR's config (`serve.learn.enabled`), True turns
+    its `serve.learn` section on, False turns learning off, a LearnConfig is taken as is."""
+    from sleep_ray.config import load_config
+
+    if isinstance(learn, LearnConfig):
+        return learn
+    if learn is False:
+        return None
+    section = load_config(Path(run_dir) / "config.yaml").serve.learn
+    return section if (learn or section.enabled) else None
 
 
 def start(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, poll_s: float = 2.0,
           kv_cache_gib: float | None = None, max_num_seqs: int = 64,
-          max_body_bytes: int = MAX_BODY_BYTES):
-    """Start Ray (if needed) and Serve on host:port, and deploy RUN_DIR's model; returns the handle."""
+          max_body_bytes: int = MAX_BODY_BYTES, learn: bool | LearnConfig | None = False,
+          learn_api_keys: tuple[str, ...] = ()):
+    """Start Ray (if needed) and Serve on host:port, and deploy RUN_DIR's model; returns the
+    handle. `learn`: see `learn_config` (a job passes None to follow the run's config)."""
     import ray
 
     if not ray.is_initialized():
         from sleep_ray.driver import init_ray
 
         init_ray(2)
+    app_ = build_app(run_dir, api_key=api_key, model_name=model_name, poll_s=poll_s,
+                     kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
+                     max_body_bytes=max_body_bytes, learn=learn_config(run_dir, learn),
+                     learn_api_keys=tuple(learn_api_keys))
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(run_dir, api_key=api_key, model_name=model_name, poll_s=poll_s,
-                               kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
-                               max_body_bytes=max_body_bytes),
-                     name=APP_NAME, route_prefix="/")
+    return serve.run(app_, name=APP_NAME, route_prefix="/")
 
 
 def main(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-         model_name: str | None = None, poll_s: float = 2.0) -> int:
+         model_name: str | None = None, poll_s: float = 2.0, learn: bool | None = False,
+         learn_api_keys: tuple[str, ...] = ()) -> int:
     """`sleep-ray serve`: serve until interrupted."""
     api_key = api_key or os.environ.get("SLEEP_RAY_API_KEY") or None
-    start(run_dir, host=host, port=port, api_key=api_key, model_name=model_name, poll_s=poll_s)
-    print(f"serving {run_dir} as {model_name or DEFAULT_MODEL_NAME!r} on http://{host}:{port}/v1 "
-          "(Ctrl-C stops)", flush=True)
+    env_key = os.environ.get("SLEEP_RAY_LEARN_API_KEY")
+    keys = tuple(learn_api_keys) or ((env_key,) if env_key else ())
+    start(run_dir, host=host, port=port, api_key=api_key, model_name=model_name, poll_s=poll_s,
+          learn=learn, learn_api_keys=keys)
+    learning = " learning at /v1/sleep/learn," if learn_config(run_dir, learn) is not None else ""
+    print(f"serving {run_dir} as {model_name or DEFAULT_MODEL_NAME!r} on http://{host}:{port}/v1"
+          f"{learning} (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)

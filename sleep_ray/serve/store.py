@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS items (
     version INTEGER                          -- the memory version that sleep produced
 );
 CREATE INDEX IF NOT EXISTS items_state ON items(state, seq);
+CREATE TABLE IF NOT EXISTS sleeps (
+    version INTEGER PRIMARY KEY,             -- the memory version the sleep (or rollback) made
+    step INTEGER NOT NULL,                   -- the wake step it followed
+    time REAL NOT NULL,
+    reason TEXT NOT NULL                     -- 'schedule' | 'idle' | 'rollback to vN'
+);
 CREATE TABLE IF NOT EXISTS requests (
     key_id TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -179,10 +185,13 @@ class LearnStore:
                            [(WOKEN, step, r["seq"]) for r in rows])
         return [dict(_public(r), state=WOKEN, woken_step=step) | _text(r) for r in rows]
 
-    def consolidate(self, step: int, version: int) -> int:
-        """Items woken at or before `step` become consolidated in `version` (the sleep at `step`
-        produced it); how many."""
+    def consolidate(self, step: int, version: int, reason: str = "schedule") -> int:
+        """The sleep after wake step `step` made memory `version`: items woken at or before
+        `step` become consolidated in it, and the sleep is recorded, in one transaction. How many
+        items."""
         with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO sleeps VALUES (?, ?, ?, ?)",
+                       (version, step, time.time(), reason))
             return db.execute("UPDATE items SET state=?, consolidated_step=?, version=? WHERE "
                               "state=? AND woken_step<=?",
                               (CONSOLIDATED, step, version, WOKEN, step)).rowcount
@@ -192,16 +201,19 @@ class LearnStore:
         after it are undone (back to woken) and items woken after it are queued again, to be
         woken once more, in their order. How many were queued again."""
         with self._write() as db:
+            db.execute("DELETE FROM sleeps WHERE step>?", (step,))
             db.execute("UPDATE items SET state=?, consolidated_step=NULL, version=NULL WHERE "
                            "state=? AND consolidated_step>?", (WOKEN, CONSOLIDATED, step)).rowcount
             return db.execute("UPDATE items SET state=?, woken_step=NULL WHERE state=? AND "
                                   "woken_step>?", (QUEUED, WOKEN, step)).rowcount
 
-    def roll_back(self, version: int) -> int:
-        """Memory `version` is served again: items consolidated in a later version, and items
-        woken but not consolidated, are `rolled_back` (not in the memory any more; send them
-        again to learn them). How many."""
+    def roll_back(self, version: int, new_version: int, step: int) -> int:
+        """Memory `version` is served again, as `new_version`, after wake step `step`: items
+        consolidated in a later version, and items woken but not consolidated, are `rolled_back`
+        (not in the memory any more; send them again to learn them). How many."""
         with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO sleeps VALUES (?, ?, ?, ?)",
+                       (new_version, step, time.time(), f"rollback to v{version}"))
             return db.execute("UPDATE items SET state=? WHERE (state=? AND version>?) OR state=?",
                               (ROLLED_BACK, CONSOLIDATED, version, WOKEN)).rowcount
 
@@ -217,6 +229,18 @@ class LearnStore:
         """Arrival time of the oldest queued item (None: nothing queued)."""
         rows = self._read("SELECT MIN(created) AS t FROM items WHERE state=?", (QUEUED,))
         return rows[0]["t"]
+
+    def last_sleep(self) -> dict | None:
+        """The newest sleep (or rollback): {version, step, time, reason}, or None."""
+        rows = self._read("SELECT * FROM sleeps ORDER BY step DESC, time DESC LIMIT 1")
+        return dict(rows[0]) if rows else None
+
+    def recent_woken(self, n: int, step: int) -> list[dict]:
+        """The `n` newest items woken at or before `step` (still in the memory), oldest first,
+        with their text."""
+        rows = self._read("SELECT * FROM items WHERE state IN (?, ?) AND woken_step<=? "
+                          "ORDER BY seq DESC LIMIT ?", (WOKEN, CONSOLIDATED, step, n))
+        return [_public(r) | _text(r) for r in reversed(rows)]
 
     def items(self) -> list[dict]:
         """Every item, in arrival order (for tests and audits; not paged)."""

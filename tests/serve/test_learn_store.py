@@ -96,10 +96,13 @@ def test_rewind_undoes_what_followed_the_checkpoint(store):
     ids, _ = store.add([ex(i) for i in range(6)], "key-a")
     for step in (1, 2, 3):
         store.claim(2, step)
+    store.consolidate(step=1, version=3)
     store.consolidate(step=2, version=5)  # the sleep at step 2; then a kill before its checkpoint
-    assert store.rewind(step=1) == 4  # steps 2 and 3 queued again; step 1 woken, not consolidated
+    assert store.last_sleep()["version"] == 5
+    assert store.rewind(step=1) == 4  # steps 2 and 3 queued again; step 1 as the checkpoint has it
     states = [(i["state"], i["woken_step"], i["version"]) for i in store.items()]
-    assert states == [(WOKEN, 1, None)] * 2 + [(QUEUED, None, None)] * 4
+    assert states == [(CONSOLIDATED, 1, 3)] * 2 + [(QUEUED, None, None)] * 4
+    assert store.last_sleep()["version"] == 3  # the sleep at step 2 is undone too
     again = store.claim(10, step=2)  # woken once more, in arrival order
     assert [i["id"] for i in again] == ids[2:]
 
@@ -111,8 +114,18 @@ def test_roll_back_marks_what_left_the_memory(store):
     store.claim(2, 2)
     store.consolidate(2, version=6)
     store.claim(1, 3)
-    assert store.roll_back(3) == 3
+    assert store.roll_back(3, new_version=9, step=3) == 3
     assert [i["state"] for i in store.items()] == [CONSOLIDATED] * 2 + [ROLLED_BACK] * 3 + [QUEUED]
+    last = store.last_sleep()
+    assert (last["version"], last["step"], last["reason"]) == (9, 3, "rollback to v3")
+
+
+def test_recent_woken_items_carry_their_text(store):
+    store.add([ex(i) for i in range(5)], "key-a")
+    store.claim(3, 1)
+    store.claim(1, 2)
+    assert [i["prompt"] for i in store.recent_woken(2, step=1)] == ["q1", "q2"]
+    assert [i["completion"] for i in store.recent_woken(9, step=2)] == ["a0", "a1", "a2", "a3"]
 
 
 _WRITER = textwrap.dedent("""

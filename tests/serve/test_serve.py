@@ -168,6 +168,17 @@ def test_limits_over_http(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def test_learning_is_off_unless_asked(server):
+    """Without --learn the learn routes are 404 and the status names only the served memory."""
+    for method, path in (("POST", "/v1/sleep/learn"), ("GET", "/v1/sleep/learn/item-x"),
+                         ("DELETE", "/v1/sleep/learn/item-x"), ("POST", "/v1/sleep/rollback")):
+        r = httpx.request(method, f"{server.base}{path}", json={"text": "x"}, headers=AUTH, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "learning_off", path
+    status = httpx.get(f"{server.base}/v1/sleep/status", headers=AUTH, timeout=60).json()
+    assert status["version"] == 1 and "learning" not in status
+    assert not (server.run_dir / "learn").exists()
+
+
 def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
     for call in (bad.models.list, lambda: bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)):

@@ -23,6 +23,27 @@ from sleep_ray.types import MemoryState
 def test_cli_serve_arguments():
     args = build_parser().parse_args(["serve", "runs/x", "--port", "8123", "--api-key", "k"])
     assert (args.run_dir, args.host, args.port, args.api_key) == ("runs/x", "127.0.0.1", 8123, "k")
+    assert not args.learn and args.learn_api_key == []
+    args = build_parser().parse_args(["serve", "runs/x", "--learn", "--learn-api-key", "a",
+                                      "--learn-api-key", "b"])
+    assert args.learn and args.learn_api_key == ["a", "b"] and args.api_key is None
+
+
+def test_learning_follows_the_run_config_unless_told(tmp_path):
+    from dataclasses import replace
+
+    from sleep_ray.config import LearnConfig, load_config, save_config
+    from sleep_ray.serve import build_app, learn_config
+
+    cfg = load_config(None)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert learn_config(tmp_path, None) is None and learn_config(tmp_path, False) is None
+    assert learn_config(tmp_path, True) == cfg.serve.learn
+    on = LearnConfig(enabled=True, idle_seconds=5.0)
+    save_config(replace(cfg, serve=replace(cfg.serve, learn=on)), tmp_path / "config.yaml")
+    assert learn_config(tmp_path, None) == on and learn_config(tmp_path, False) is None
+    with pytest.raises(ValueError, match="learn API key"):
+        build_app(tmp_path, learn=on, learn_api_keys=())
 
 
 def test_chat_fallback_template():
