@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-
 # When the rows share a prefix (the dream context C), running it once on one row saves (N - 1) * p
 # token positions of forward but costs one more forward call and a batched backward through it.
 # Measured on the tiny default (1 thread, 31-token prefix, 64-token rows): 8 dreams (217 saved)

@@ -21,7 +21,7 @@ from unittest import mock
 import torch
 
 from sleep_ray.algo.importance import PREFIX_MIN_TOKENS
-from sleep_ray.bench.rows import Row, median_seconds
+from sleep_ray.bench.rows import Row
 from sleep_ray.bench.systems_common import Sizes, tiny_config
 from sleep_ray.config import SleepConfig
 
@@ -50,6 +50,21 @@ def _dream_setup(cfg: SleepConfig, num_dreams: int):
     return model, tok, dreams, expert, list(task.val[:cfg.dreaming.tau_examples])
 
 
+def _interleaved(runs: dict[str, Callable[[], object]], reps: int) -> tuple[dict, dict, dict]:
+    """Each run `reps` times, interleaved (load on the shared cores then hits all of them):
+    (median wall seconds, median CPU seconds of this process, wall samples) per run name. With one
+    torch thread the CPU time is the run's own work, whatever else the cores are doing."""
+    wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    med = lambda d: {name: statistics.median(v) for name, v in d.items()}  # noqa: E731
+    return med(wall), med(cpu), wall
+
+
 def _importance_pair(cfg: SleepConfig, num_dreams: int, reps: int) -> dict:
     """Median seconds of the batched and the loop scoring of the same m dreams; max |diff|.
     Also the batched pass forced each way: the shared context C run once on its KV cache
@@ -76,16 +91,13 @@ def _importance_pair(cfg: SleepConfig, num_dreams: int, reps: int) -> dict:
         if not torch.allclose(x, out["loop"], rtol=1e-4, atol=1e-6):
             raise AssertionError(f"{name} and loop norms differ: max |diff| "
                                  f"{(x - out['loop']).abs().max():.3g}")
-    samples = {name: [] for name in runs}
-    for _ in range(reps):  # interleaved, so that load on the shared cores hits all of them
-        for name, fn in runs.items():
-            samples[name].append(median_seconds(fn, 1, warmup=0)[0])
-    t = {name: statistics.median(v) for name, v in samples.items()}
+    t, cpu, samples = _interleaved(runs, reps)
     first = int((labels[:, 1:] != -100).any(0).nonzero()[0])
     return {"m": len(dreams), "tokens": list(ids.shape), "prefix": shared_prefix(ids, first),
             "batched_s": t["batched"], "cached_s": t["cached"], "full_s": t["full"],
             "vmap_s": t["vmap"], "loop_s": t["loop"], "speedup": t["loop"] / t["batched"],
-            "vmap_speedup": t["loop"] / t["vmap"],
+            "vmap_speedup": t["loop"] / t["vmap"], "cpu_s": cpu,
+            "cpu_speedup": cpu["loop"] / cpu["batched"],
             "max_abs_diff": float((out["batched"] - out["loop"]).abs().max()),
             "samples": samples, "_profile": (model, runs["batched"])}
 
@@ -104,7 +116,9 @@ def _paths_note(r: dict) -> str:
     return (f"m={r['m']}, context C of {r['prefix']} shared tokens: C once on its KV cache "
             f"{r['cached_s'] * 1e3:.1f} ms, C with every dream {r['full_s'] * 1e3:.1f} ms; "
             f"dream_importance (picks by (m-1)*|C| >= {PREFIX_MIN_TOKENS}) "
-            f"{r['batched_s'] * 1e3:.1f} ms, loop {r['loop_s'] * 1e3:.1f} ms = {r['speedup']:.1f}x")
+            f"{r['batched_s'] * 1e3:.1f} ms, loop {r['loop_s'] * 1e3:.1f} ms = {r['speedup']:.1f}x; "
+            f"CPU time of this process {r['cpu_s']['batched'] * 1e3:.1f} vs "
+            f"{r['cpu_s']['loop'] * 1e3:.1f} ms = {r['cpu_speedup']:.1f}x")
 
 
 def importance_rows(quick: bool, profile: bool = False) -> list[Row]:
@@ -157,12 +171,8 @@ def _rewards_pair(cfg: SleepConfig, k: int, reps: int) -> dict:
     if diff > 1e-4 or out["batched"][0] != out["loop"][0]:
         raise AssertionError(f"batched and loop copies differ: max |tau diff| {diff:.3g}, rewards "
                              f"{out['batched'][0]} vs {out['loop'][0]}")
-    samples = {name: [] for name in runs}
-    for _ in range(reps):  # interleaved, so that load on the shared cores hits all three
-        for name, fn in runs.items():
-            samples[name].append(median_seconds(fn, 1, warmup=0)[0])
-    t = {name: statistics.median(v) for name, v in samples.items()}
-    return {"k": len(dreams), "tau_examples": len(tau), "dream_tokens": len(dreams[0].context)
+    t, cpu, samples = _interleaved(runs, reps)
+    return {"k": len(dreams), "cpu_seconds": cpu, "cpu_speedup": cpu["loop"] / cpu["batched"], "tau_examples": len(tau), "dream_tokens": len(dreams[0].context)
             + max(len(x.tokens) for x in dreams), "steps": d.apply_steps, "seconds": t,
             "samples": samples, "max_abs_tau_diff": diff, "rewards": out["batched"][0],
             "lora_rewards": out["lora"][0], "speedup": t["loop"] / t["batched"]}
@@ -180,7 +190,10 @@ def rewards_rows(quick: bool) -> list[Row]:
              f"{r['max_abs_tau_diff']:.1e}), rewards equal {r['rewards']}",
              f"reward_copy=lora (peft LoRA copies, deep copy of the model, inner_steps="
              f"{tiny_config(quick).dreaming.inner_steps}): {t['lora']:.3f} s = "
-             f"{t['lora'] / t['batched']:.1f}x the batched expert copies; rewards {r['lora_rewards']}"]
+             f"{t['lora'] / t['batched']:.1f}x the batched expert copies; rewards {r['lora_rewards']}",
+             f"CPU time of this process: batched {r['cpu_seconds']['batched']:.3f} s, loop "
+             f"{r['cpu_seconds']['loop']:.3f} s = {r['cpu_speedup']:.2f}x, LoRA copies "
+             f"{r['cpu_seconds']['lora']:.3f} s"]
     limits = ("the k copies' tau passes (k x the held-out slice, one batch) are compute-bound on "
               "the 64-wide model already at the loop's batch of 8 examples; batching gains on the "
               "training steps (batch 1 -> k) and per-op overhead; 1 torch thread")

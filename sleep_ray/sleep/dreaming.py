@@ -260,7 +260,8 @@ def _copies_logprobs(model: nn.Module, copies: dict[str, torch.Tensor],
                     sums, counts = _batch_logprobs(model, repeated)
                 total[:, idx], count[idx] = sums.view(k, -1), counts[:len(idx)]
             else:
-                one = lambda p: _batch_logprobs(_WithParams(model, p), batch)  # noqa: E731
+                def one(p: dict[str, torch.Tensor], batch: Batch = batch):
+                    return _batch_logprobs(_WithParams(model, p), batch)
                 total[:, idx], counts = vmap(one, chunk_size=chunk_size)(copies)  # (k, n) both
                 count[idx] = counts[0]  # the same in every copy
     return total, count

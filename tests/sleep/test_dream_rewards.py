@@ -20,11 +20,10 @@ FAST = ["model.pretrain_steps=0", "memory.capacity=[1, 3, 2]", "dreaming.num_dre
         "dreaming.apply_lr=0.05"]
 
 
-@pytest.fixture(scope="module")
-def setup():
+def make_setup(*overrides):
     """(model, tok, cfg, dreams, tau examples, newest expert): a level-2 expert whose B is not
     zero (so both factors get gradients from the first step), and dreams sampled on C."""
-    cfg = load_config(None, FAST)
+    cfg = load_config(None, FAST + list(overrides))
     model, tok = build_model(cfg)
     model.eval()
     dreaming.add_dreamer(model, cfg.dreaming, seed=0)
@@ -40,6 +39,11 @@ def setup():
     dreams = dreaming.generate_dreams(model, tok, context, cfg.dreaming, seed=0)
     assert len(dreams) >= 4
     return model, tok, cfg, dreams, list(task.val), expert
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup()
 
 
 def applied_tau(model, tok, cfg, dream, tau, expert):
@@ -142,3 +146,20 @@ def test_stack_copies_are_independent_of_the_source():
     stacked["p"][0] += 1
     assert stacked["p"].shape == (3, 2, 2) and not stacked["p"].requires_grad
     assert torch.equal(p.detach(), torch.ones(2, 2)) and torch.equal(stacked["p"][1], torch.ones(2, 2))
+
+
+def test_linear_router_copies_go_through_vmap_and_equal_the_loop():
+    # A linear router row is trained with the expert: its gates move, so the copies cannot share
+    # the model's gates; train_copies and the tau passes take the vmap path.
+    from sleep_ray.algo.copies import copies_plan
+
+    model, tok, cfg, dreams, tau, expert = make_setup("memory.router=linear")
+    params = dict(M.expert_parameters(model, *expert))
+    assert any(".router." in n for n in params) and copies_plan(model, params) is None
+    dreams = dreams[:3]
+    loop = dreaming.expert_copy_rewards_loop(model, tok, dreams, tau, expert, cfg.dreaming,
+                                             cfg.data.max_length)
+    batched = dreaming.expert_copy_rewards(model, tok, dreams, tau, expert, cfg.dreaming,
+                                           cfg.data.max_length)
+    assert batched[1] == loop[1] and len(set(loop[2])) == len(dreams)
+    torch.testing.assert_close(torch.tensor(batched[2]), torch.tensor(loop[2]), rtol=0, atol=1e-5)
