@@ -86,8 +86,9 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(ray_session, cfg, 
 
 def test_deepspeed_run_survives_a_scorer_and_a_rollout_dying_mid_dream(ray_session, cfg, local_run,
                                                                         tmp_path):
-    """Ray restarts both (max_restarts) and retries the scorer's call in flight (the rollout dies
-    between calls: its next call goes to the new process); the restarted workers come back at
+    """Ray restarts both (max_restarts); the driver's WorkerPool re-publishes to the scorer and
+    resends its call in flight (the rollout dies between calls: its next call goes to the new
+    process, re-published to first if that call is lost too); the restarted workers come back at
     version 0 and catch up from the state each call carries. The learner runs the DeepSpeed
     backend (ZeRO 0, one process), whose wake steps are bit-identical to the torch path's
     (tests/actors/test_learner_on_cpu.py): the run still ends with the reference memory."""
