@@ -39,8 +39,8 @@ from torch.func import functional_call, grad, vmap
 
 # When the rows share a prefix (the dream context C), running it once on one row saves (N - 1) * p
 # token positions of forward but costs one more forward call and a batched backward through it.
-# Measured on the tiny default (1 thread, 31-token prefix, 64-token rows): 8 dreams (217 saved)
-# 25 vs 21 ms, the full pass faster; 32 dreams (961 saved) 45 vs 53 ms, the cached prefix faster.
+# Row 3 of `sleep-ray bench systems` on the tiny default (1 thread, 31-token C, docs/results.md):
+# 8 dreams (217 saved) 24 vs 22 ms, the full pass faster; 32 dreams (961 saved) 46 vs 57 ms.
 PREFIX_MIN_TOKENS = 768
 
 

@@ -143,8 +143,8 @@ def importance_rows(quick: bool, profile: bool = False) -> list[Row]:
     limits = (f"the batched pass costs one forward + backward of the m={main['m']} dreams, the loop "
               "m small ones; on a 64-wide model every op takes microseconds, so a batch of 8 "
               "costs far more than 1/8 of 8 passes (per-op dispatch; m x4 below); running the "
-              "shared context once costs one more forward call (~5 ms here), more than it saves "
-              "at m=8; 1 torch thread")
+              "shared context once costs one more forward call, more than it saves at m=8 "
+              "(both timed in the notes); 1 torch thread")
     return [Row(name="importance: batched per-sample grads vs backward per dream (tiny)",
                 baseline_label="loop: one backward per dream", baseline=main["loop_s"],
                 ours_label="one batched backward (dream_importance)", ours=main["batched_s"], unit="s",
