@@ -3,9 +3,11 @@
 The dream reward (METHOD.md section 5 step 3) trains, for each of k kept dreams, an isolated
 copy of the parameters the dreams will train, then scores every copy. Done one copy after the
 other, that is k small training runs; here the copies are *stacked* (`{name: (k, ...)}`) and
-`torch.func.vmap` over `functional_call` runs copy i's forward and backward on its own sample
-i in one pass: the layers before the first stacked parameter run once for all copies, and every
-later op runs once on a k-times larger batch instead of k times.
+one pass runs copy i on its own sample i, every op once on a k-times larger batch instead of k
+times. For memory-expert factors (`expert_copies`), the batch itself carries the copies: row
+block c of a forward runs with copy c of the expert (a hook on its pool), so one ordinary
+forward and backward of the k samples gives each copy its own gradient. Anything else goes
+through `torch.func.vmap` over `functional_call`.
 
 Adam is elementwise, so one Adam update of the stacked tensors is k independent Adam updates;
 `adam_step` keeps a step count per copy, so that a copy whose loss or gradient is NaN/inf skips
