@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -463,9 +464,10 @@ def main(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     keys = tuple(learn_api_keys) or ((env_key,) if env_key else ())
     start(run_dir, host=host, port=port, api_key=api_key, model_name=model_name, poll_s=poll_s,
           learn=learn, learn_api_keys=keys)
-    learning = " learning at /v1/sleep/learn," if learn_config(run_dir, learn) is not None else ""
+    learning = "; learning at /v1/sleep/learn" if learn_config(run_dir, learn) is not None else ""
     print(f"serving {run_dir} as {model_name or DEFAULT_MODEL_NAME!r} on http://{host}:{port}/v1"
-          f"{learning} (Ctrl-C stops)", flush=True)
+          f"{learning} (Ctrl-C or SIGTERM stops)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop: the same clean shutdown
     try:
         while True:
             time.sleep(3600)
@@ -474,3 +476,7 @@ def main(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     finally:
         serve.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

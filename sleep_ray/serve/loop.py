@@ -70,8 +70,8 @@ class LearningLoop:
             log.warning("resumed at step %d: %d items woken after it are queued again", step, requeued)
         last = store.last_sleep()
         self.slept_at = last["step"] if last else 0
-        self.recent = deque((_example(i) for i in store.recent_woken(cfg.dreaming.tau_examples, step)),
-                            maxlen=max(1, cfg.dreaming.tau_examples))
+        self.recent = deque(maxlen=max(1, cfg.dreaming.tau_examples))  # tau: see `tau_task`
+        self.recent.extend(_scorable(_example(i) for i in store.recent_woken(4 * self.recent.maxlen, step)))
         self.last_activity = time.time()  # an item arriving, a completion served, a wake step
         self._lock = threading.Lock()  # one round or rollback at a time
         self.published = self._learner_version()
@@ -126,7 +126,7 @@ class LearningLoop:
         d = self.driver
         items = self.store.claim(self.cfg.data.batch_size, d.clock.step + 1)
         batch = [_example(i) for i in items]
-        self.recent.extend(batch)
+        self.recent.extend(_scorable(batch))
         stats = d.wake(batch, [])
         plan = d.clock.tick()
         if plan.consolidations:
@@ -169,7 +169,9 @@ class LearningLoop:
         return version
 
     def tau_task(self) -> Task:
-        """The task a sleep scores its dreams on: the newest taught examples as `val`."""
+        """The task a sleep scores its dreams on: the newest taught examples as `val` (examples
+        with a prompt: tau is the completion's loss given the prompt, so a document, whose first
+        token has nothing to be predicted from, is not one; no such example: no dream)."""
         return Task(TASK, (), tuple(self.recent), ())
 
     # ------------------------------------------------------------------ rollback
@@ -233,6 +235,11 @@ class LearningLoop:
 
 def _example(item: dict) -> Example:
     return Example(TASK, "train", item["prompt"], item["completion"])
+
+
+def _scorable(examples) -> list[Example]:
+    """The examples a dream can be scored on: those with a prompt."""
+    return [e for e in examples if e.prompt]
 
 
 # ---------------------------------------------------------------------- the deployment

@@ -43,7 +43,9 @@ LEARN_CFG = LearnConfig(enabled=True, idle_seconds=8.0, batch_wait_seconds=5.0, 
 
 
 def facts(n: int, tag: str) -> list[dict]:
-    return [{"prompt": f"What colour is {tag}{i}?", "completion": f" {tag}{i} is green."}
+    """`n` items about invented things, every third a document, the others examples."""
+    return [{"text": f"{tag}{i} is green."} if i % 3 == 2 else
+            {"prompt": f"What colour is {tag}{i}?", "completion": f" {tag}{i} is green."}
             for i in range(n)]
 
 
