@@ -42,7 +42,7 @@ from ray import serve
 from sleep_ray.config import SleepConfig
 from sleep_ray.driver import SleepDriver
 from sleep_ray.schedule import StepPlan
-from sleep_ray.serve.store import QUEUED, LearnStore
+from sleep_ray.serve.store import QUEUED, WOKEN, LearnStore
 from sleep_ray.types import Example, Stream, Task
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class LearningLoop:
         if requeued:
             log.warning("resumed at step %d: %d items woken after it are queued again", step, requeued)
         last = store.last_sleep()
-        self.slept_at = last["step"] if last else 0
+        self.slept_at = last["step"] if last else step  # a finished run's steps are not pending
         self.recent = deque(maxlen=max(1, cfg.dreaming.tau_examples))  # tau: see `tau_task`
         self.recent.extend(_scorable(_example(i) for i in store.recent_woken(4 * self.recent.maxlen, step)))
         self.last_activity = time.time()  # an item arriving, a completion served, a wake step
@@ -98,7 +98,7 @@ class LearningLoop:
             if self.batch_ready(counts[QUEUED]):
                 self.wake_step()
                 return "wake"
-            if self.idle_sleep_due(counts[QUEUED]):
+            if self.idle_sleep_due(counts):
                 self.idle_sleep()
                 return "sleep"
             return None
@@ -109,9 +109,10 @@ class LearningLoop:
         oldest = self.store.oldest_queued() if queued else None
         return oldest is not None and time.time() - oldest >= self.learn.batch_wait_seconds
 
-    def idle_sleep_due(self, queued: int) -> bool:
-        pending = self.driver.clock.step - self.slept_at
-        return (self.learn.idle_seconds > 0 and pending > 0 and queued == 0
+    def idle_sleep_due(self, counts: dict[str, int]) -> bool:
+        """Idle for `idle_seconds`, nothing queued, and taught items woken on but not yet
+        consolidated (wake steps pending)."""
+        return (self.learn.idle_seconds > 0 and counts[WOKEN] > 0 and counts[QUEUED] == 0
                 and self.cfg.schedule.num_levels > 1
                 and time.time() - self.last_activity >= self.learn.idle_seconds)
 
