@@ -143,6 +143,10 @@ class MemoryConfig:
     # Keys per expert of the cosine router: prototypes, one per wake context it was seeded on
     # (the mean hidden state over the context), an input scoring its best match. 1: one mean key.
     router_prototypes: int = 32
+    # Where a new expert's keys come from (the project's choice): "teacher", the hidden states of
+    # the model before the consolidation; "student", those of the model after it, the new expert
+    # in place, each layer keyed just before it routes (see `Learner.student_keys`).
+    keys_from: Literal["teacher", "student"] = "student"
     # true: one routing decision per token for every memory layer, made at the first memory
     # layer. false (default): each layer routes on its own hidden states. Measured on SmolLM2
     # (facts stream, one seed, docs/results.md): per-layer routing sent 0.90 of a window's
@@ -155,12 +159,20 @@ class MemoryConfig:
     init_std: float = 0.02  # std of A at (re)initialization; B starts at zero
     # What a full pool does on expansion: refuse with an error, or merge the two least-used.
     full_pool: Literal["error", "merge"] = "error"
-    # How a consolidation's new expert starts (the paper is silent). "copy": the rank-r sum of
-    # the deltas the teacher applied on D that the student loses (the reset or pruned source
-    # experts, and target experts in the measure they were routed on D), so the student starts
-    # at the teacher and seeding only corrects. "zero": B = 0, seeding rebuilds everything
+    # How a consolidation's new expert starts (the paper is silent). "fit" (default): the rank-r
+    # map that reproduces, on the window's hidden states, what the experts the student loses
+    # added there at their routed gates (the reset or pruned source experts, and target experts
+    # whose inputs the new key takes), pulled toward "copy" where the hidden states say nothing.
+    # Where one expert per level was routed everywhere (1 -> 2) it equals "copy"; where several
+    # took turns (2 -> 3 prunes a level routed top-1) no sum of them can. "copy": the rank-r sum
+    # of those experts weighted by their mean gate. "zero": B = 0, seeding rebuilds everything
     # (measured on SmolLM2-135M: a task learned to 1.00 fell to chance after 30 steps).
-    expert_init: Literal["copy", "zero"] = "copy"
+    expert_init: Literal["fit", "copy", "zero"] = "fit"
+    # "fit": how hard the fitted map is pulled toward the mean ("copy") map, relative to the mean
+    # eigenvalue of the hidden states' Gram matrix; and how many of the window's contexts it
+    # is fitted on (their every real token).
+    fit_ridge: float = 1e-3
+    fit_contexts: int = 128
 
     @property
     def num_levels(self) -> int:
@@ -189,6 +201,10 @@ class MemoryConfig:
                       f"level {level} top-k {k} must be in [1, capacity={cap}]")
         if self.router_prototypes <= 0:
             _fail(f"{at}.router_prototypes", self.router_prototypes, "must be positive")
+        if self.fit_ridge < 0:
+            _fail(f"{at}.fit_ridge", self.fit_ridge, "must be >= 0")
+        if self.fit_contexts <= 0:
+            _fail(f"{at}.fit_contexts", self.fit_contexts, "must be positive")
         if not 0.0 <= self.inject_share <= 1.0:
             _fail(f"{at}.inject_share", self.inject_share, "must be in [0, 1]")
         if self.router_temperature <= 0:

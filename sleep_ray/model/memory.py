@@ -61,6 +61,38 @@ def low_rank_sum(factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list
     return a.to(dtype), b.to(dtype)
 
 
+@torch.no_grad()
+def fit_low_rank(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, rank: int,
+                 ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors (A, B) of the map that reproduces targets Y from inputs X, pulled
+    toward `prior` where X says nothing:
+
+        D* = argmin ||X D - Y||^2 + lam ||D - prior||^2,   lam = ridge * trace(X^T X) / d
+           = (X^T X + lam I)^-1 (X^T Y + lam prior)
+
+    from the sufficient statistics `gram` = X^T X and `cross` = X^T Y (d x d each). D* is then
+    truncated to rank `rank` in the same metric (W = X^T X + lam I, W = L L^T; the best rank-r
+    approximation of L^T D* from its SVD), so the error is counted on the data, not on unused
+    directions of the input space. Singular values are split evenly between A and B.
+    """
+    d = gram.shape[0]
+    gram, cross, prior = gram.double(), cross.double(), prior.double()
+    lam = ridge * float(torch.trace(gram)) / d
+    if lam <= 0:
+        lam = 1e-8
+    w = gram + lam * torch.eye(d, dtype=gram.dtype)
+    best = torch.linalg.solve(w, cross + lam * prior)  # (d, d)
+    chol = torch.linalg.cholesky(w)  # W = L L^T
+    u, s, vh = torch.linalg.svd(chol.T @ best)
+    k = min(rank, len(s))
+    root = s[:k].sqrt()
+    a = torch.zeros(d, rank, dtype=torch.float64)
+    b = torch.zeros(rank, d, dtype=torch.float64)
+    a[:, :k] = torch.linalg.solve_triangular(chol.T, u[:, :k] * root, upper=True)
+    b[:k] = root[:, None] * vh[:k]
+    return a.float(), b.float()
+
+
 class ExpertPool(nn.Module):
     """One CMS level's experts at one layer: `capacity` low-rank experts, a router, a mask."""
 

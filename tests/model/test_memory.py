@@ -245,6 +245,44 @@ def test_low_rank_sum_is_exact_with_enough_rank_and_the_svd_truncation_otherwise
     torch.testing.assert_close(a @ b, a1 @ b1, atol=1e-4, rtol=1e-4)
 
 
+def test_fit_low_rank_recovers_a_low_rank_map_from_its_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    true = torch.randn(16, 3, generator=g) @ torch.randn(3, 16, generator=g)
+    a, b = M.fit_low_rank(x.T @ x, x.T @ (x @ true), torch.zeros(16, 16), rank=3, ridge=1e-9)
+    assert a.shape == (16, 3) and b.shape == (3, 16)
+    torch.testing.assert_close(a @ b, true, atol=1e-3, rtol=1e-3)
+
+
+def test_fit_low_rank_reproduces_two_routed_maps_where_their_inputs_differ():
+    # Inputs of two kinds in disjoint coordinates, each routed to its own map: one linear map
+    # reproduces both on their own inputs, which the sum (or any mean) of the two does not.
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.cat([torch.randn(100, 8, generator=g), torch.zeros(100, 8)], 1)
+    x2 = torch.cat([torch.zeros(100, 8), torch.randn(100, 8, generator=g)], 1)
+    d1, d2 = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    x, y = torch.cat([x1, x2]), torch.cat([x1 @ d1, x2 @ d2])
+    a, b = M.fit_low_rank(x.T @ x, x.T @ y, (d1 + d2) / 2, rank=16, ridge=1e-9)
+    torch.testing.assert_close(x1 @ a @ b, x1 @ d1, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x2 @ a @ b, x2 @ d2, atol=1e-3, rtol=1e-3)
+    assert (x1 @ ((d1 + d2) / 2) - x1 @ d1).abs().max() > 1.0
+
+
+def test_fit_low_rank_keeps_the_prior_where_the_data_says_nothing():
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(50, 4, generator=g), torch.zeros(50, 4)], 1)  # dims 4..7 unused
+    prior = torch.randn(8, 2, generator=g) @ torch.randn(2, 8, generator=g)
+    y = x @ torch.randn(8, 8, generator=g)
+    a, b = M.fit_low_rank(x.T @ x, x.T @ y, prior, rank=8, ridge=1e-3)
+    # W = X^T X + lam I is block diagonal, so the rows of unused inputs solve lam D = lam prior.
+    torch.testing.assert_close((a @ b)[4:], prior[4:], atol=1e-4, rtol=1e-4)
+    # No data at all: the prior, truncated as the SVD does (Eckart-Young).
+    full = torch.randn(8, 8, generator=g)
+    a, b = M.fit_low_rank(torch.zeros(8, 8), torch.zeros(8, 8), full, rank=3, ridge=1.0)
+    u, s, vh = torch.linalg.svd(full)
+    torch.testing.assert_close(a @ b, u[:, :3] * s[:3] @ vh[:3], atol=1e-4, rtol=1e-4)
+
+
 def test_levels_can_have_their_own_rank():
     cfg = load_config(None, ["model.pretrain_steps=0", "memory.ranks=[4, 8, 12]"])
     model, _ = build_model(cfg)

@@ -211,3 +211,21 @@ def test_tau_is_the_task_score_when_the_task_has_one():
     plain = [dataclasses.replace(e, choices=None) for e in pairs]
     from sleep_ray.eval.evaluate import completion_nll
     assert dreaming.tau_score(model, tok, plain, 64) == -completion_nll(model, tok, plain, 64)
+
+
+def test_a_fitted_expert_reproduces_two_routed_experts_it_prunes():
+    # Two windows, two level-2 experts, each routed on its own pairs (top-1); 2 -> 3 then prunes
+    # both into one level-3 expert, which is no longer routed between them. `fit` starts it as
+    # the map that reproduces each on its own inputs (a sum or mean of the two does not: `copy`
+    # loses one window's pairs here); no seeding step, so the start alone is tested.
+    learner = make_learner("memory.expert_init=fit", "seeding.steps=0", "memory.ranks=[8, 8, 16]")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, first)
+    consolidate(learner, 1, 2)
+    learn(learner, second)
+    consolidate(learner, 1, 2, seed=2)
+    before = [learner.heldout_score(first), learner.heldout_score(second)]
+    stats = consolidate(learner, 2, 3, seed=4)
+    assert stats["consolidate/pruned"] == 2 and M.active_experts(learner.model, 2) == []
+    after = [learner.heldout_score(first), learner.heldout_score(second)]
+    assert min(a / b for a, b in zip(after, before)) >= 0.9, (before, after)
