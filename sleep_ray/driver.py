@@ -343,7 +343,7 @@ class SleepDriver:
         scores = self.importance(dreams, expert) if d.selection == "gradient" else None
         kept_idx = self._learner_group(lambda w: w.select_dreams.remote(scores, len(dreams)))[0]
         kept = [dreams[i] for i in kept_idx]
-        rewards, base_tau, taus = self.lora_rewards(kept, tau, seed + 1)
+        rewards, base_tau, taus = self.lora_rewards(kept, tau, seed + 1, expert)
         with self.record.timed("dream/learn"):
             stats = self._learner_group(lambda w: w.learn_from_dreams.remote(kept, rewards))[0]
         return stats | {"dream/generated": float(len(dreams)), "dream/tau_base": base_tau,
@@ -365,16 +365,19 @@ class SleepDriver:
                                       _split(dreams, len(self.scorers)))
             return [x for part in self.scorers.gather(fan) for x in part]
 
-    def lora_rewards(self, kept: list, tau: list, seed: int) -> tuple[list[float], float, list[float]]:
-        """Reward per kept dream from its isolated LoRA copy, spread over the scorer pool."""
+    def lora_rewards(self, kept: list, tau: list, seed: int, expert: tuple[int, int]
+                     ) -> tuple[list[float], float, list[float]]:
+        """Reward per kept dream from its isolated copy (of `expert`, or a LoRA copy with
+        `dreaming.reward_copy: lora`), spread over the scorer pool."""
         with self.record.timed("dream/lora"):
-            parts = self.scorers.gather(self.submit_lora_rewards(kept, tau, seed))
+            parts = self.scorers.gather(self.submit_lora_rewards(kept, tau, seed, expert))
         rewards = [r for part, _, _ in parts for r in part]
         taus = [x for _, _, part in parts for x in part]
         return rewards, parts[0][1], taus
 
-    def submit_lora_rewards(self, kept: list, tau: list, seed: int) -> Fanout:
-        return self.scorers.submit(lambda w, part: w.lora_rewards.remote(part, tau, self.state_ref, seed),
+    def submit_lora_rewards(self, kept: list, tau: list, seed: int, expert: tuple[int, int]) -> Fanout:
+        return self.scorers.submit(lambda w, part: w.lora_rewards.remote(part, tau, self.state_ref, seed,
+                                                                         expert=expert),
                                    _split(kept, len(self.scorers)))
 
     def evaluate(self, t: int) -> None:

@@ -102,10 +102,10 @@ def test_deepspeed_run_survives_a_scorer_and_a_rollout_dying_mid_dream(ray_sessi
     class KillingDriver(SleepDriver):
         kills = 0
 
-        def submit_lora_rewards(self, kept, tau, seed):
+        def submit_lora_rewards(self, kept, tau, seed, expert):
             if not self.kills:  # (asked before: actor calls run in order)
                 self.pids = pid(self.scorers[0]), pid(self.rollouts[0])
-            refs = super().submit_lora_rewards(kept, tau, seed)
+            refs = super().submit_lora_rewards(kept, tau, seed, expert)
             if not self.kills:  # the first dream phase, with the scorers' calls in flight
                 ray.kill(self.scorers[0], no_restart=False)
                 ray.kill(self.rollouts[0], no_restart=False)

@@ -295,7 +295,8 @@ def cycle_compute_8b(cfg: SleepConfig) -> dict[str, float]:
                                               + B * s.group_size * seq_s * 6 * P / flop_s))),
         "dream/generate": d.max_new_tokens * decode_step,
         "dream/importance": d.num_dreams * dream_len * 6 * P / flop_s,
-        "dream/lora": kept * (d.inner_steps * dream_len * 6 * P
+        "dream/lora": kept * ((d.apply_steps if d.reward_copy == "expert" else d.inner_steps)
+                              * dream_len * 6 * P
                               + d.tau_examples * T * 2 * P) / flop_s,
         "dream/learn": (d.rest_em_steps + d.apply_steps) * kept * dream_len * 6 * P / flop_s,
     }

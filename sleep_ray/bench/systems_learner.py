@@ -233,7 +233,7 @@ def _seeding_setup(cfg: SleepConfig):
         learner.wake_step(batch)
     learner.apply_updates([1])
     data = learner.teacher_samples(cfg.run.seed)
-    return learner, data, learner.route_keys(data.pairs, 2)[0]
+    return learner, data, learner.route_keys(data.pairs, 2)
 
 
 def _student(learner, keys) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:

@@ -131,8 +131,8 @@ def dying_scorer(folder: Path):
             delivered("importance", dreams)
             return out
 
-        def lora_rewards(self, dreams, tau_examples, state, seed):
-            out = super().lora_rewards(dreams, tau_examples, state, seed)
+        def lora_rewards(self, dreams, tau_examples, state, seed, expert=None):
+            out = super().lora_rewards(dreams, tau_examples, state, seed, expert)
             exit_once(folder / "scorer-rewards")
             delivered("rewards", dreams)
             return out
@@ -183,8 +183,8 @@ def faulty_driver(**actor_classes):
             self.scored = [*getattr(self, "scored", []), (list(dreams), scores)]
             return scores
 
-        def lora_rewards(self, kept, tau, seed):
-            out = super().lora_rewards(kept, tau, seed)
+        def lora_rewards(self, kept, tau, seed, expert):
+            out = super().lora_rewards(kept, tau, seed, expert)
             self.rewarded = [*getattr(self, "rewarded", []), (list(kept), out[0])]
             return out
 
