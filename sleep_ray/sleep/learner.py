@@ -327,7 +327,7 @@ class Learner:
             if cfg.expert_init == "copy":
                 init.append(M.low_rank_sum(factors, weights, rank))
                 continue
-            prior = sum(w * (a.float() @ b.float()) for (a, b), w in zip(factors, weights))
+            prior = sum(w * (a.float().cpu() @ b.float().cpu()) for (a, b), w in zip(factors, weights))
             scale = memory.levels[target - 1].scale
             init.append(M.fit_low_rank(gram, cross / scale, prior, rank, cfg.fit_ridge))
         return init
@@ -357,13 +357,13 @@ class Learner:
                 y = torch.zeros_like(x) if fit else None
                 for j, (level, e) in enumerate(experts):
                     g = gates[level][i][mask][:, e].float()  # (N,)
-                    gate_sum[i][j] += g.sum()
+                    gate_sum[i][j] += float(g.sum())
                     if fit:
                         pool = memory.levels[level - 1]
                         y += g[:, None] * pool.scale * ((x @ pool.A[e].float()) @ pool.B[e].float())
-                if fit:
-                    grams[i] += (x.T @ x).double()
-                    crosses[i] += (x.T @ y).double()
+                if fit:  # accumulated on the CPU in float64, whatever device the model is on
+                    grams[i] += (x.T @ x).double().cpu()
+                    crosses[i] += (x.T @ y).double().cpu()
         return [(s / max(tokens, 1), gm, cr) for s, gm, cr in zip(gate_sum, grams, crosses)]
 
     def hand_over(self, source: int, target: int, slot: int, held: dict[str, list[Example]],
@@ -549,6 +549,7 @@ class Learner:
 def context_keys(hidden: torch.Tensor, mask: torch.Tensor, per_context: bool) -> torch.Tensor:
     """Router keys from hidden states (B, T, d) of contexts with real tokens `mask` (B, T): the
     mean over each context's tokens ((B, d), one prototype each) or over all of them ((d,))."""
+    mask = mask.to(hidden.device)
     if not per_context:
         return hidden[mask].mean(0)
     m = mask[..., None].to(hidden.dtype)
