@@ -1,4 +1,4 @@
-"""`sleep-ray bench systems`: the seven systems measurements of sleep_ray, one table, one command.
+"""`sleep-ray bench systems`: the eight systems measurements of sleep_ray, one table, one command.
 
     python benchmarks/systems.py --output runs/bench_systems            # full (< 15 min, 2 cores)
     python benchmarks/systems.py --output /tmp/s --quick --rows importance,overhead
@@ -16,6 +16,10 @@ Rows (each a pair measured in the same run, on the same model and data; `Row` in
 6. peak resident memory of each actor type (same run as 5)
 7. dream rewards: k = 8 copies of the newest expert trained and scored in one batched pass vs
    one copy after the other (and the LoRA copies of `dreaming.reward_copy: lora`)  `bench/systems_learner.py`
+8. one consolidation 1 -> 2 (D's sampling included) vs the wake time of its window (the config's
+   schedule.windows[0] wake steps), on the real backbone (`benchmarks/configs/real.yaml`,
+   SmolLM2-135M; --quick: the tiny default) and one task of generated facts;
+   ratio = window wake s / consolidation s                                 `bench/systems_learner.py`
 
 Ratio convention: bigger is better. Row 5's ratio is goal/measured overhead fraction (goal
 overhead 0.10, so ratio >= 1 meets it). Row 6 has no goal (ratio and goal n/a). `--profile` adds
@@ -45,7 +49,8 @@ from pathlib import Path
 
 from sleep_ray.bench.rows import Row
 from sleep_ray.bench.systems_driver import check_profiler, memory_row, overhead_row, ray_run
-from sleep_ray.bench.systems_learner import importance_rows, rewards_rows, seeding_rows
+from sleep_ray.bench.systems_learner import (consolidation_rows, importance_rows, rewards_rows,
+                                             seeding_rows)
 
 NAN = float("nan")
 
@@ -68,6 +73,7 @@ ROW_GROUPS = (
     RowGroup("overhead", 5, "driver overhead of the wake/sleep cycle"),
     RowGroup("memory", 6, "peak resident memory per actor type"),
     RowGroup("rewards", 7, "dream rewards: k batched copies vs k sequential copies"),
+    RowGroup("consolidation", 8, "one consolidation vs the wake time of its window"),
 )
 
 
@@ -107,7 +113,8 @@ def row_functions(quick: bool, workdir: Path, profile: bool = False) -> dict[str
     return {"rollout": lambda: _rollout_rows(quick), "publish": lambda: _publish_rows(quick),
             "importance": lambda: importance_rows(quick, profile), "seeding": lambda: seeding_rows(quick),
             "overhead": lambda: [overhead_row(cache.get())],
-            "memory": lambda: [memory_row(cache.get())], "rewards": lambda: rewards_rows(quick)}
+            "memory": lambda: [memory_row(cache.get())], "rewards": lambda: rewards_rows(quick),
+            "consolidation": lambda: consolidation_rows(quick)}
 
 
 def run_rows(keys: Sequence[str], quick: bool, workdir: Path,

@@ -1,6 +1,7 @@
-"""Rows 3, 4 and 7 of the systems benchmark: dream importance (batched vs one backward per dream),
-knowledge seeding (ours vs TRL's `GKDTrainer`) and dream rewards (k batched copies vs k
-sequential copies), on the tiny default model.
+"""Rows 3, 4, 7 and 8 of the systems benchmark: dream importance (batched vs one backward per
+dream), knowledge seeding (ours vs TRL's `GKDTrainer`) and dream rewards (k batched copies vs k
+sequential copies), on the tiny default model; one consolidation vs the wake time of its window,
+on the real backbone (SmolLM2-135M; the tiny default with --quick).
 
 Both run in this process on one torch thread, each pair on the same model and inputs;
 `bench/systems.py` gathers the rows into the table.
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -23,7 +26,7 @@ import torch
 from sleep_ray.algo.importance import PREFIX_MIN_TOKENS
 from sleep_ray.bench.rows import Row
 from sleep_ray.bench.systems_common import Sizes, tiny_config
-from sleep_ray.config import SleepConfig
+from sleep_ray.config import SleepConfig, load_config
 
 
 # ====================================================================== row 3: importance
@@ -386,3 +389,132 @@ def seeding_rows(quick: bool) -> list[Row]:
                 details={"reps": sizes.reps, "ours_tok_s": [t for t, _, _ in ours],
                          "trl_tok_s": [t for t, _, _ in trl], "sampling_share_ours": share(ours),
                          "sampling_share_trl": share(trl), "notes": notes})]
+
+
+# ====================================================================== row 8: consolidation vs wake
+
+REAL_CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "real.yaml"
+
+
+def _consolidation_config(quick: bool) -> SleepConfig:
+    """One task of generated facts (the generator's default sizes: 108 train, 36 val records per
+    task); full: the real backbone (benchmarks/configs/real.yaml), quick: the tiny default."""
+    over = ["data.stream=facts", "data.num_tasks=1"]
+    return tiny_config(quick, over) if quick else load_config(REAL_CONFIG, over)
+
+
+def _window_then_consolidate(cfg: SleepConfig) -> dict:
+    """The wake steps of the first window of level 1 (schedule.windows[0]) driven as
+    `LocalSleepRun` drives them (seeded batches, held-out examples, the CMS clock's updates),
+    each timed; then the consolidation 1 -> 2 the clock calls for, timed from D's sampling
+    (`teacher_samples`) to the end of `Learner.consolidate`, as the loop's phase is."""
+    from sleep_ray.data import stream_from_config
+    from sleep_ray.schedule import CMSClock
+    from sleep_ray.sleep import seeding
+    from sleep_ray.sleep.generation import phase_seed
+    from sleep_ray.sleep.learner import Learner
+    from sleep_ray.sleep.loop import task_batches, task_heldout
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
+    task = stream_from_config(cfg.data, cfg.run.seed).tasks[0]
+    model, tok = build_sleep_model(cfg)  # not timed (the real backbone's conversion, once)
+    learner = Learner(cfg, model, tok)
+    clock, bs, seed = CMSClock(cfg.schedule), cfg.data.batch_size, cfg.run.seed
+    wake, wake_cpu, update = [], [], []
+    batches = ((epoch, i, batch) for epoch in range(cfg.run.epochs_per_task)
+               for i, batch in enumerate(task_batches(task, bs, seed, epoch)))
+    for epoch, i, batch in batches:
+        w0, c0 = time.perf_counter(), time.process_time()
+        learner.wake_step(batch, task_heldout(task, bs, epoch, i))
+        wake.append(time.perf_counter() - w0)
+        wake_cpu.append(time.process_time() - c0)
+        plan = clock.tick()
+        sources = {source for source, _ in plan.consolidations}
+        w0 = time.perf_counter()
+        learner.apply_updates([lv for lv in plan.updates if lv not in sources])
+        update.append(time.perf_counter() - w0)
+        if plan.consolidations:
+            break
+    else:
+        raise ValueError(f"the task's {clock.step} wake steps ({cfg.run.epochs_per_task} epochs of "
+                         f"{len(task.train)} records at batch {bs}) end before the first "
+                         f"consolidation (schedule.windows={list(cfg.schedule.windows)})")
+    if plan.consolidations[0] != (1, 2):
+        raise AssertionError(f"step {plan.step}: consolidations {plan.consolidations}, not 1 -> 2 first")
+
+    sampling = [0.0]  # the student's on-policy sampling inside seeding (HF generate)
+    sample = seeding.sample
+
+    def timed_sample(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return sample(*args, **kw)
+        finally:
+            sampling[0] += time.perf_counter() - t0
+
+    phase = "consolidate_1_to_2"
+    with mock.patch.object(seeding, "sample", timed_sample):
+        w0, c0 = time.perf_counter(), time.process_time()
+        data = learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"), 1)
+        teacher_s = time.perf_counter() - w0
+        stats = learner.consolidate(1, 2, data, phase_seed(seed, plan.step, f"{phase}/student"))
+        cons, cons_cpu = time.perf_counter() - w0, time.process_time() - c0
+    if stats.get("consolidate/skipped"):
+        raise AssertionError(f"the consolidation at step {plan.step} was skipped: {stats}")
+    return {"task": task.name, "train_records": len(task.train), "val_records": len(task.val),
+            "wake_steps": len(wake), "step": plan.step, "epochs": epoch + 1,
+            "wake_seconds": sum(wake), "wake_step_seconds": wake, "update_seconds": sum(update),
+            "consolidation_seconds": cons, "teacher_sampling_seconds": teacher_s,
+            "seeding_sampling_seconds": sampling[0], "samples": len(data.pairs),
+            "cpu_seconds": {"wake": sum(wake_cpu), "consolidation": cons_cpu}, "stats": stats}
+
+
+def consolidation_rows(quick: bool) -> list[Row]:
+    """Row 8: one consolidation 1 -> 2, D's sampling included, vs the wake seconds of its window
+    (the window's wake steps, as `bench consolidation` counts a window's wake time)."""
+    cfg = _consolidation_config(quick)
+    with _threads(1):
+        r = _window_then_consolidate(cfg)
+    st, wake, cons = r["stats"], r["wake_seconds"], r["consolidation_seconds"]
+    label = "tiny" if quick else "SmolLM2-135M"
+    steps = r["wake_steps"]
+    ordered = sorted(r["wake_step_seconds"])
+    teacher_share = r["teacher_sampling_seconds"] / cons
+    seeding_share = r["seeding_sampling_seconds"] / cons
+    cpu = r["cpu_seconds"]
+    notes = [(f"{cfg.model.name_or_path}, one facts task ({r['task']}: {r['train_records']} train, "
+              f"{r['val_records']} val records), batch {cfg.data.batch_size}, max_length "
+              f"{cfg.data.max_length}: the {steps} wake steps of schedule.windows[0]="
+              f"{cfg.schedule.window(1)} ({r['epochs']} epoch{'s' * (r['epochs'] > 1)}) took "
+              f"{wake:.2f} s (median step {statistics.median(ordered):.3f} s, first "
+              f"{r['wake_step_seconds'][0]:.3f} s, slowest {ordered[-1]:.3f} s); the level-1 "
+              f"updates (apply_updates) {r['update_seconds']:.2f} s more, not counted (as in bench "
+              "consolidation's window wake time)"),
+             (f"consolidation 1 -> 2 at step {r['step']}: {cons:.2f} s = D's sampling "
+              f"(teacher_samples, |D|={r['samples']}) {r['teacher_sampling_seconds']:.2f} s + "
+              f"Learner.consolidate {st['consolidate/seconds']:.2f} s, of which the student's "
+              f"on-policy sampling in seeding {r['seeding_sampling_seconds']:.2f} s"),
+             (f"consolidate/kept {st.get('consolidate/kept', math.nan):.3f} (held-out "
+              f"{st.get('consolidate/score_before', math.nan):.3f} -> "
+              f"{st.get('consolidate/score_after', math.nan):.3f} on "
+              f"{int(st.get('consolidate/heldout', 0))} examples), seed/steps "
+              f"{int(st.get('seed/steps', 0))} of {cfg.seeding.steps}, consolidate/route_share "
+              f"{st.get('consolidate/route_share', math.nan):.2f}"),
+             (f"CPU time of this process: wake {cpu['wake']:.2f} s, consolidation "
+              f"{cpu['consolidation']:.2f} s = {cpu['wake'] / cpu['consolidation']:.2f}x; "
+              "model build (and the backbone's conversion) not timed; one run, no repetition")]
+    limits = (f"HF generate, token by token: D's sampling {teacher_share:.0%} and seeding's "
+              f"on-policy sampling {seeding_share:.0%} of the consolidation; the rest is seeding's "
+              f"{int(st.get('seed/steps', 0))} steps, the held-out scoring and the new expert's "
+              f"fit, against {steps} batched wake steps; 1 torch thread")
+    return [Row(name=f"one consolidation 1 -> 2 (D's sampling included) vs its window's wake ({label})",
+                baseline_label=f"wake: the window's {steps} wake steps", baseline=wake,
+                ours_label="consolidation: teacher_samples + consolidate", ours=cons, unit="s",
+                ratio=wake / cons, goal=1.0, limits=limits,
+                details={"reps": 1, "model": cfg.model.name_or_path, "window": cfg.schedule.window(1),
+                         "wake_steps": steps,
+                         "consolidate/kept": st.get("consolidate/kept", math.nan),
+                         "seed/steps": st.get("seed/steps", math.nan),
+                         "consolidate/route_share": st.get("consolidate/route_share", math.nan),
+                         "cpu_seconds": cpu, "cpu_ratio": cpu["wake"] / cpu["consolidation"],
+                         "result": r, "notes": notes})]

@@ -1,4 +1,4 @@
-"""The systems benchmark: a quick end-to-end run (all seven rows, tiny sizes, one repetition), the
+"""The systems benchmark: a quick end-to-end run (all eight rows, tiny sizes, one repetition), the
 actor telemetry helper, and the overhead arithmetic on numbers worked out by hand. No timing is
 asserted anywhere."""
 
@@ -93,7 +93,7 @@ def test_run_systems_quick(tmp_path):
     md = (tmp_path / "systems.md").read_text()
     report = json.loads((tmp_path / "systems.json").read_text())
     indices = {row["index"] for row in report["rows"]}
-    assert indices == {1, 2, 3, 4, 5, 6, 7}
+    assert indices == {1, 2, 3, 4, 5, 6, 7, 8}
     for group in S.ROW_GROUPS:
         assert f"| {group.index} |" in md
     assert "python benchmarks/systems.py" in md and "torch" in report["versions"]
@@ -109,3 +109,5 @@ def test_run_systems_quick(tmp_path):
     assert 0 <= by_index[5]["ours"] <= 1
     assert set(by_index[6]["details"]["peak_rss_mib"]) == {"learner", "rollout", "scorer", "driver"}
     assert by_index[7]["details"]["result"]["max_abs_tau_diff"] < 1e-4  # batched == loop copies
+    assert by_index[8]["details"]["wake_steps"] == by_index[8]["details"]["window"]  # one window
+    assert by_index[8]["baseline"] > 0 and by_index[8]["ours"] > 0
