@@ -134,8 +134,15 @@ class MemoryConfig:
     routing: Literal["token", "sequence"] = "token"
     # "cosine": each expert's router entry is a key fixed from the hidden states of the data it
     # was seeded on, scored by cosine similarity / temperature; it cannot drift onto old inputs.
-    # "linear": a router row trained by gradient with the expert (the paper's literal reading).
-    router: Literal["cosine", "linear"] = "cosine"
+    # "discriminant": each level's routers are refit at every consolidation to the linear
+    # discriminant that tells apart the data its experts hold, on the route inputs as the model
+    # runs then (see `Learner.refit_routers`); "linear": a router row trained by gradient with
+    # the expert (the paper's literal reading).
+    router: Literal["cosine", "linear", "discriminant"] = "cosine"
+    # Discriminant router: the shrinkage of the within-class covariance (relative to its mean
+    # eigenvalue) and how many of each expert's kept contexts it is fitted on.
+    router_ridge: float = 0.1
+    router_contexts: int = 64
     router_temperature: float = 0.1
     # Cosine routing on what sets the keys apart: keys and inputs minus the mean of the level's
     # active keys (the project's choice; with raw cosines, tasks of one format all look alike).
@@ -199,6 +206,10 @@ class MemoryConfig:
             if not 1 <= k <= cap:
                 _fail(f"{at}.top_k", self.top_k,
                       f"level {level} top-k {k} must be in [1, capacity={cap}]")
+        if self.router_ridge <= 0:
+            _fail(f"{at}.router_ridge", self.router_ridge, "must be positive")
+        if self.router_contexts <= 0:
+            _fail(f"{at}.router_contexts", self.router_contexts, "must be positive")
         if self.router_prototypes <= 0:
             _fail(f"{at}.router_prototypes", self.router_prototypes, "must be positive")
         if self.fit_ridge < 0:

@@ -9,8 +9,9 @@ never change as experts are activated or pruned (the paper's own implementation 
     out(h) = MLP(h) + sum_l sum_{e in TopK_l(h)} g_e(h) * scale * (h A_e) B_e
 
 Routers: "cosine" scores cos(h, key_e) / temperature with a key fixed from the hidden states an
-expert was seeded on (it cannot drift onto old tasks' inputs); "linear" is a router row trained by
-gradient. Random expert injection (dreams) adds one random active expert per router, behind a
+expert was seeded on (it cannot drift onto old tasks' inputs); "discriminant" scores w_e . h + b_e,
+the linear discriminant that tells apart the data the level's experts hold, refit at every
+consolidation (`discriminant_router`); "linear" is a router row trained by gradient. Random expert injection (dreams) adds one random active expert per router, behind a
 tensor-valued switch (`inject` buffer) so the same module can run inside vLLM.
 """
 
@@ -93,6 +94,31 @@ def fit_low_rank(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, r
     return a.float(), b.float()
 
 
+@torch.no_grad()
+def discriminant_router(sums: torch.Tensor, counts: torch.Tensor, second: torch.Tensor,
+                        ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear discriminant analysis from sufficient statistics: E classes (the experts of one
+    level), each with the sum (E, d) and count (E,) of its route inputs x, and the sum of x x^T
+    over all of them (d, d). Returns rows W (E, d) and biases b (E,) of the scores
+
+        s_e(x) = mu_e^T S^-1 x - 1/2 mu_e^T S^-1 mu_e,   S = within-class covariance + lam I,
+
+    the Gaussian log-likelihood of class e up to a term shared by all classes (equal priors), so
+    argmax_e s_e(x) is the nearest class mean in the metric S^-1: directions along which every
+    class varies (what all tasks' inputs have in common: format, position) count little, those
+    that set the classes apart count much. lam = ridge * trace(within) / d shrinks S toward a
+    multiple of I (Ledoit-Wolf style) so that d > samples stays solvable.
+    """
+    sums, counts, second = sums.double(), counts.double(), second.double()
+    num, d = sums.shape
+    means = sums / counts.clamp_min(1.0)[:, None]
+    within = (second - (means.T * counts) @ means) / max(float(counts.sum()) - num, 1.0)
+    lam = max(ridge * float(torch.trace(within)) / d, 1e-12)
+    rows = torch.linalg.solve(within + lam * torch.eye(d, dtype=within.dtype), means.T).T  # (E, d)
+    bias = -0.5 * (rows * means).sum(-1)
+    return rows.float(), bias.float()
+
+
 class ExpertPool(nn.Module):
     """One CMS level's experts at one layer: `capacity` low-rank experts, a router, a mask."""
 
@@ -115,6 +141,8 @@ class ExpertPool(nn.Module):
         self.prototypes = cfg.router_prototypes if cfg.router == "cosine" else 1
         self.router = nn.ParameterList(nn.Parameter(torch.empty(self.prototypes, dim))
                                        for _ in range(self.capacity))
+        # Per-expert score offset of the discriminant router (zero for the others).
+        self.register_buffer("router_bias", torch.zeros(self.capacity))
         self.register_buffer("active", torch.zeros(self.capacity, dtype=torch.bool))
         self.register_buffer("usage", torch.zeros(self.capacity))  # routed gate mass, for merging
         self.register_buffer("inject", torch.zeros((), dtype=torch.bool))  # random-expert switch
@@ -144,6 +172,7 @@ class ExpertPool(nn.Module):
         self.A[e].copy_(a.to(self.A[e]))
         self.B[e].zero_()
         self.router[e].zero_()
+        self.router_bias[e] = 0.0
         self.active[e] = False
         self.usage[e] = 0.0
 
@@ -170,6 +199,13 @@ class ExpertPool(nn.Module):
         self.router[e][:len(keys)].copy_(keys.to(self.router[e]))
 
     @torch.no_grad()
+    def set_router(self, e: int, row: torch.Tensor, bias: float) -> None:
+        """Expert e's discriminant router entry: score w . x + bias (see `discriminant_router`)."""
+        self.router[e].zero_()
+        self.router[e][0].copy_(row.to(self.router[e]))
+        self.router_bias[e] = bias
+
+    @torch.no_grad()
     def set_delta(self, e: int, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Load expert e's factors (A (d, r), B (r, d)), e.g. a copy or merge of others."""
         self.A[e].copy_(factors[0].to(self.A[e]))
@@ -191,6 +227,7 @@ class ExpertPool(nn.Module):
         else:
             w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
             self.router[keep].copy_(w * self.router[keep] + (1 - w) * self.router[drop])
+            self.router_bias[keep] = w * self.router_bias[keep] + (1 - w) * self.router_bias[drop]
         self.usage[keep] = total
         self.reset_expert(drop)
 
@@ -229,6 +266,8 @@ class ExpertPool(nn.Module):
             scores = self.prototype_scores(r, keys)
         else:
             scores = r @ keys[:, 0].T  # (B, T, E)
+            if self.router_kind == "discriminant":
+                scores = scores + self.router_bias.to(scores.dtype)
         neg = torch.finfo(scores.dtype).min
         scores = scores.masked_fill(~self.active, neg)
         k = min(self.top_k, self.capacity)

@@ -39,6 +39,10 @@ class NonFiniteLossError(RuntimeError):
     """More training steps had a NaN/inf loss or gradient than `run.max_nonfinite_steps` allows."""
 
 
+class _Fitted(Exception):
+    """Ends `Learner.refit_routers`' forward pass once the last memory layer is fitted."""
+
+
 class Learner:
     """The trainable state of a Sleep run in one process."""
 
@@ -257,6 +261,9 @@ class Learner:
         student_keys = cosine and self.cfg.memory.keys_from == "student"
         if student_keys:
             self.student_keys(pairs, target, slot)
+        discriminant = self.cfg.memory.router == "discriminant"
+        if discriminant:
+            self.refit_routers({(target, slot): held["contexts"]})
         # 4. Knowledge seeding: only the new expert trains.
         M.freeze_memory(self.model)
         params = M.set_trainable(self.model, target, slot)
@@ -269,6 +276,8 @@ class Learner:
         M.freeze_memory(self.model)
         if student_keys:  # seeding changed what the new expert adds, so what the layers see
             self.student_keys(pairs, target, slot)
+        if discriminant and stats.get("seed/steps", 0) > 0:
+            self.refit_routers({(target, slot): held["contexts"]})
         # 5. Pruning of the source level's earlier experts.
         for pool in M.pools(self.model, source):
             for e in earlier:
@@ -439,6 +448,64 @@ class Learner:
         handles = [m.register_forward_pre_hook(set_keys) for m in M.memories(self.model)]
         try:
             completion_logits(self.model, list(pairs), self.tok.pad_token_id)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def refit_routers(self, data: dict[tuple[int, int], Sequence[Example]] | None = None) -> None:
+        """Discriminant routers (`memory.router: discriminant`): at every memory layer, each
+        level with two or more active experts gets the linear discriminant that tells apart the
+        contexts its experts hold (`expert_data`, or `data` for an expert not handed over yet;
+        up to `router_contexts` each), fitted on the route inputs of their every real token
+        (`M.discriminant_router`). One forward pass over all those contexts; each layer is fitted
+        just before it routes, so later layers see earlier layers' new routing, as at inference.
+        An expert without kept contexts keeps its entry."""
+        data = data or {}
+        n = self.cfg.memory.router_contexts
+        pairs: list[tuple[list[int], list[int]]] = []
+        classes: dict[int, list[tuple[int, slice]]] = {}  # level -> (slot, its rows of the batch)
+        for level in range(1, M.num_levels(self.model) + 1):
+            slots = M.active_experts(self.model, level)
+            if len(slots) < 2:
+                continue
+            for e in slots:
+                contexts = data.get((level, e)) or self.expert_data.get((level, e), {}).get("contexts", [])
+                if contexts:
+                    rows = self.context_pairs(contexts, n)
+                    classes.setdefault(level, []).append((e, slice(len(pairs), len(pairs) + len(rows))))
+                    pairs += rows
+        classes = {level: c for level, c in classes.items() if len(c) >= 2}
+        if not classes:
+            return
+        mask = pairs_to_batch(pairs, self.tok.pad_token_id)[0].attention_mask.bool()
+
+        def refit(memory, args):
+            x = args[0]
+            m = mask.to(x.device)
+            for level, members in classes.items():
+                pool = memory.levels[level - 1]
+                r = pool.route_input(x)
+                dim = r.shape[-1]
+                sums = torch.zeros(len(members), dim, dtype=torch.float64)
+                counts = torch.zeros(len(members), dtype=torch.float64)
+                second = torch.zeros(dim, dim, dtype=torch.float64)
+                for i, (_, rows) in enumerate(members):
+                    z = r[rows][m[rows]].double().cpu()  # (N_e, d)
+                    sums[i], counts[i] = z.sum(0), len(z)
+                    second += z.T @ z
+                weights, bias = M.discriminant_router(sums, counts, second, self.cfg.memory.router_ridge)
+                for i, (e, _) in enumerate(members):
+                    pool.set_router(e, weights[i], float(bias[i]))
+            if memory is last:  # nothing after the last memory layer is needed (no logits)
+                raise _Fitted
+
+        last = max(M.memories(self.model), key=lambda mem: mem.layer)
+        handles = [mem.register_forward_pre_hook(refit) for mem in M.memories(self.model)]
+        try:
+            completion_logits(self.model, pairs, self.tok.pad_token_id)
+        except _Fitted:
+            pass
         finally:
             for handle in handles:
                 handle.remove()

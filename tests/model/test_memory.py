@@ -283,6 +283,62 @@ def test_fit_low_rank_keeps_the_prior_where_the_data_says_nothing():
     torch.testing.assert_close(a @ b, u[:, :3] * s[:3] @ vh[:3], atol=1e-4, rtol=1e-4)
 
 
+def _lda_stats(classes):
+    xs = [torch.tensor(c, dtype=torch.float64) for c in classes]
+    sums = torch.stack([x.sum(0) for x in xs])
+    counts = torch.tensor([float(len(x)) for x in xs])
+    second = sum(x.T @ x for x in xs)
+    return sums, counts, second
+
+
+def test_discriminant_router_by_hand():
+    # Class means (1, 0) and (-1, 0); each class's offsets (+-1, 0), (0, +-2): the pooled
+    # within-class covariance is diag(2 + 2, 8 + 8) / (8 - 2) = diag(2/3, 8/3), so with no
+    # shrinkage w_0 = S^-1 mu_0 = (1.5, 0), b_0 = -1/2 mu_0 . w_0 = -0.75, and mirrored.
+    offsets = [(1, 0), (-1, 0), (0, 2), (0, -2)]
+    classes = [[(m + dx, dy) for dx, dy in offsets] for m in (1, -1)]
+    rows, bias = M.discriminant_router(*_lda_stats(classes), ridge=1e-9)
+    torch.testing.assert_close(rows, torch.tensor([[1.5, 0.0], [-1.5, 0.0]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(bias, torch.tensor([-0.75, -0.75]), atol=1e-5, rtol=0)
+
+
+def test_discriminant_router_discounts_what_every_class_varies_along():
+    # The means differ by 2 along both axes, but the classes spread 10x more along axis 1:
+    # the nearest mean in Euclidean distance is the wrong class, the discriminant's the right.
+    offsets = [(0.1, 1.0), (-0.1, -1.0), (0.1, -1.0), (-0.1, 1.0)]
+    classes = [[(m + dx, m + dy) for dx, dy in offsets] for m in (1, -1)]
+    rows, bias = M.discriminant_router(*_lda_stats(classes), ridge=1e-6)
+    x = torch.tensor([0.6, -1.2])  # class 0 along axis 0, class 1 along axis 1
+    assert torch.dist(x, torch.tensor([1.0, 1.0])) > torch.dist(x, torch.tensor([-1.0, -1.0]))
+    scores = rows @ x + bias
+    assert scores.argmax() == 0
+    # Under heavy shrinkage S -> lam I: the nearest mean, class 1.
+    rows, bias = M.discriminant_router(*_lda_stats(classes), ridge=1e6)
+    assert (rows @ x + bias).argmax() == 1
+
+
+def test_discriminant_router_routes_each_input_to_the_expert_whose_data_it_is_like(tiny_cfg):
+    cfg = load_config(None, ["model.pretrain_steps=0", "memory.capacity=[1, 3, 2]",
+                             "memory.router=discriminant"])
+    model, tok = build_model(cfg)
+    pool = M.pools(model, 2)[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, pool.dim, generator=g)
+    x[0, :, :3] += 3.0  # expert 0's inputs
+    x[1, :, :3] -= 3.0  # expert 1's inputs
+    z = x.reshape(-1, pool.dim).double()
+    labels = torch.arange(2).repeat_interleave(40)
+    sums = torch.stack([z[labels == c].sum(0) for c in (0, 1)])
+    rows, bias = M.discriminant_router(sums, torch.tensor([40.0, 40.0]), z.T @ z, ridge=0.1)
+    for e in (0, 1):
+        pool.activate(e)
+        pool.set_router(e, rows[e], float(bias[e]))
+    gates = pool.gates(x)  # (2, 40, E)
+    assert float(gates[0, :, 0].mean()) == 1.0 and float(gates[1, :, 1].mean()) == 1.0
+    pool.reset_expert(1)  # a freed slot forgets its entry
+    assert float(pool.router_bias[1]) == 0.0 and float(pool.router[1].abs().sum()) == 0.0
+
+
 def test_levels_can_have_their_own_rank():
     cfg = load_config(None, ["model.pretrain_steps=0", "memory.ranks=[4, 8, 12]"])
     model, _ = build_model(cfg)
