@@ -458,9 +458,10 @@ class Learner:
         level with two or more active experts gets the linear discriminant that tells apart the
         contexts its experts hold (`expert_data`, or `data` for an expert not handed over yet;
         up to `router_contexts` each), fitted on the route inputs of their every real token
-        (`M.discriminant_router`). One forward pass over all those contexts; each layer is fitted
-        just before it routes, so later layers see earlier layers' new routing, as at inference.
-        An expert without kept contexts keeps its entry."""
+        (`M.discriminant_router`). One forward pass over all those contexts, up to the last layer
+        that routes (with `shared_routing`, the first); each layer is fitted just before it
+        routes, so later layers see earlier layers' new routing, as at inference. An expert
+        without kept contexts keeps its entry."""
         data = data or {}
         n = self.cfg.memory.router_contexts
         pairs: list[tuple[list[int], list[int]]] = []
@@ -485,6 +486,8 @@ class Learner:
             m = mask.to(x.device)
             for level, members in classes.items():
                 pool = memory.levels[level - 1]
+                if not pool.routes:  # shared routing: this layer reads the first layer's gates
+                    continue
                 r = pool.route_input(x)
                 dim = r.shape[-1]
                 sums = torch.zeros(len(members), dim, dtype=torch.float64)
@@ -500,8 +503,9 @@ class Learner:
             if memory is last:  # nothing after the last memory layer is needed (no logits)
                 raise _Fitted
 
-        last = max(M.memories(self.model), key=lambda mem: mem.layer)
-        handles = [mem.register_forward_pre_hook(refit) for mem in M.memories(self.model)]
+        routing = [mem for mem in M.memories(self.model) if mem.levels[0].routes]
+        last = max(routing, key=lambda mem: mem.layer)
+        handles = [mem.register_forward_pre_hook(refit) for mem in routing]
         try:
             completion_logits(self.model, pairs, self.tok.pad_token_id)
         except _Fitted:

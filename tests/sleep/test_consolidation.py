@@ -187,11 +187,12 @@ def test_wake_counts_router_usage_so_a_full_pool_merges_the_least_used():
     assert stats["consolidate/slot"] == least[1]
 
 
-@pytest.mark.parametrize("router", ["cosine", "discriminant"])
-def test_each_window_is_routed_to_its_own_expert(router):
+@pytest.mark.parametrize("router,shared", [("cosine", False), ("discriminant", False),
+                                           ("discriminant", True)])
+def test_each_window_is_routed_to_its_own_expert(router, shared):
     # After two windows, the first window's inputs reach the first expert and mostly not the
     # second, and the other way round (route share: mean gate over the inputs' tokens).
-    learner = make_learner(f"memory.router={router}")
+    learner = make_learner(f"memory.router={router}", f"memory.shared_routing={str(shared).lower()}")
     first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
     learn(learner, first)
     slot_a = consolidate(learner, 1, 2)["consolidate/slot"]
