@@ -15,8 +15,9 @@ def test_qwen3_8b_counts_match_hand_arithmetic():
     assert f.expert_bytes == 139264
     # Qwen3-8B has ~8.19e9 parameters (bf16: ~16.4e9 bytes); the memory adds a few MB.
     assert 16.0e9 < f.model_bytes < 16.6e9
-    # State: 36 layers x 13 slots x (expert + mask (bool, 1 byte) + usage (bf16, 2 bytes)).
-    assert f.memory_state_bytes == 36 * 13 * (139264 + 1 + 2)
+    # State: 36 layers x 13 slots x (expert + mask (bool, 1 byte) + usage and router bias (bf16,
+    # 2 bytes each)).
+    assert f.memory_state_bytes == 36 * 13 * (139264 + 1 + 2 + 2)
 
 
 def test_router_prototypes_are_counted():
@@ -24,7 +25,7 @@ def test_router_prototypes_are_counted():
     # bytes = 393216 bytes at one layer.
     f = footprint(qwen3_8b_config(), MemoryConfig(rank=8, capacity=(1, 8, 4), top_k=(1, 1, 1)))
     assert f.expert_bytes == 393216
-    assert f.memory_state_bytes == 36 * 13 * (393216 + 1 + 2)
+    assert f.memory_state_bytes == 36 * 13 * (393216 + 1 + 2 + 2)
 
 
 def test_benchmark_prints_both_rows():
