@@ -101,7 +101,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
         table.append({"consolidation": kind, "transition": transition,
                       "seeds": len(by_seed), "events": sum(len(v) for v in by_seed.values()),
                       "kept_mean": statistics.fmean(kept) if kept else float("nan"),
-                      "kept_std": statistics.pstdev(kept) if len(kept) > 1 else 0.0,
+                      "kept_std": statistics.stdev(kept) if len(kept) > 1 else 0.0,  # sample std (n - 1)
                       "score_before": statistics.fmean(per_seed("consolidate/score_before") or [float("nan")]),
                       "score_after": statistics.fmean(per_seed("consolidate/score_after") or [float("nan")]),
                       "seed_steps": statistics.fmean(per_seed("seed/steps") or [float("nan")]),

@@ -37,13 +37,13 @@ def test_seeds_are_averaged_first_then_mean_and_std(tmp_path):
         (tmp_path / f"reset_seed{seed}" / "metrics.jsonl").write_text(
             "\n".join(json.dumps(r) for r in rows))
     table = {(r["consolidation"], r["transition"]): r for r in summarize(saved_runs(tmp_path))}
-    # 1 -> 2: seed 0 kept (0.5 + 1.0) / 2 = 0.75, seed 1 0.375: mean 0.5625, pstdev 0.1875.
+    # 1 -> 2: seed 0 kept (0.5 + 1.0) / 2 = 0.75, seed 1 0.375: mean 0.5625, sample std 0.375 / sqrt(2).
     one = table[("1 -> 2", "reset")]
-    assert one["kept_mean"] == pytest.approx(0.5625) and one["kept_std"] == pytest.approx(0.1875)
+    assert one["kept_mean"] == pytest.approx(0.5625) and one["kept_std"] == pytest.approx(0.375 / 2 ** 0.5)
     assert one["cost_vs_window_wake"] == pytest.approx(0.5) and one["events"] == 4
     two = table[("2 -> 3", "reset")]
     assert two["kept_mean"] == pytest.approx((0.9 + 0.45) / 2) and two["seed_steps"] == 5.0
-    assert "| 1 -> 2 | reset | 2 (4) | 0.562 ± 0.188 |" in markdown(list(table.values()), {})
+    assert "| 1 -> 2 | reset | 2 (4) | 0.562 ± 0.265 |" in markdown(list(table.values()), {})
 
 
 def test_the_run_report_lists_each_consolidation(tmp_path):
