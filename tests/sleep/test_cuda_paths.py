@@ -81,3 +81,20 @@ def test_dream_importance_and_reward_copies_match_the_cpu():
     out_gpu = dreaming.expert_copy_rewards(gpu.model, gpu.tok, dreams, tau, expert, d, gpu.cfg.data.max_length)
     assert out_gpu[1] == pytest.approx(out_cpu[1], abs=1e-3)  # tau of the unmodified model
     assert out_gpu[2] == pytest.approx(out_cpu[2], abs=1e-2)  # tau of each dream's copy
+
+
+def test_discriminant_routers_are_refit_on_cuda():
+    # The real-model configs' routing (benchmarks/configs/real.yaml): each window's inputs reach
+    # its own expert, the routers refit with the model on the GPU (statistics summed on the CPU).
+    from sleep_ray.model import memory as M
+
+    learner = on_cuda("memory.router=discriminant", "memory.shared_routing=true")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, first)
+    slot_a = consolidate(learner, 1, 2)["consolidate/slot"]
+    learn(learner, second)
+    slot_b = consolidate(learner, 1, 2, seed=2)["consolidate/slot"]
+    assert learner.route_share(first, 2, slot_a) > 0.5 > learner.route_share(first, 2, slot_b)
+    assert learner.route_share(second, 2, slot_b) > 0.5 > learner.route_share(second, 2, slot_a)
+    pool = M.pools(learner.model, 2)[0]
+    assert pool.router_bias.device.type == "cuda" and float(pool.router[slot_b].abs().sum()) > 0
