@@ -187,8 +187,7 @@ def test_wake_counts_router_usage_so_a_full_pool_merges_the_least_used():
     assert stats["consolidate/slot"] == least[1]
 
 
-@pytest.mark.parametrize("router,shared", [("cosine", False), ("discriminant", False),
-                                           ("discriminant", True)])
+@pytest.mark.parametrize("router,shared", [("cosine", False), ("discriminant", True)])
 def test_each_window_is_routed_to_its_own_expert(router, shared):
     # After two windows, the first window's inputs reach the first expert and mostly not the
     # second, and the other way round (route share: mean gate over the inputs' tokens).
