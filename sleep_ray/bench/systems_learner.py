@@ -208,6 +208,26 @@ def rewards_rows(quick: bool) -> list[Row]:
 
 
 @contextlib.contextmanager
+def _timed_sampling():
+    """Patch seeding's `sample` (the student's on-policy sampling, HF generate) to add its wall
+    seconds to the yielded one-item list."""
+    from sleep_ray.sleep import seeding
+
+    seconds = [0.0]
+    sample = seeding.sample
+
+    def timed_sample(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return sample(*args, **kw)
+        finally:
+            seconds[0] += time.perf_counter() - t0
+
+    with mock.patch.object(seeding, "sample", timed_sample):
+        yield seconds
+
+
+@contextlib.contextmanager
 def _threads(n: int):
     """Torch threads for a timed section (the actors run with 1: Ray sets OMP_NUM_THREADS=1)."""
     before = torch.get_num_threads()
@@ -266,19 +286,8 @@ def _ours_tokens_per_s(learner, data, keys, scfg, batch_size: int) -> tuple[floa
         counted[0] += int(mask.sum())  # completion tokens this divergence trains on
         return jsd(student, teacher_logits, mask, **kw)
 
-    sampling = [0.0]
-    sample = seeding.sample
-
-    def timed_sample(*args, **kw):
-        t0 = time.perf_counter()
-        try:
-            return sample(*args, **kw)
-        finally:
-            sampling[0] += time.perf_counter() - t0
-
     gen = torch.Generator().manual_seed(0)
-    with mock.patch.object(seeding, "per_sequence_jsd", counting_jsd), \
-            mock.patch.object(seeding, "sample", timed_sample):
+    with mock.patch.object(seeding, "per_sequence_jsd", counting_jsd), _timed_sampling() as sampling:
         t0 = time.perf_counter()
         seeding.seed_expert(model, learner.tok, teacher, data, params, scfg, gen, seed=1,
                             batch_size=batch_size)
@@ -410,7 +419,6 @@ def _window_then_consolidate(cfg: SleepConfig) -> dict:
     (`teacher_samples`) to the end of `Learner.consolidate`, as the loop's phase is."""
     from sleep_ray.data import stream_from_config
     from sleep_ray.schedule import CMSClock
-    from sleep_ray.sleep import seeding
     from sleep_ray.sleep.generation import phase_seed
     from sleep_ray.sleep.learner import Learner
     from sleep_ray.sleep.loop import task_batches, task_heldout
@@ -442,18 +450,8 @@ def _window_then_consolidate(cfg: SleepConfig) -> dict:
     if plan.consolidations[0] != (1, 2):
         raise AssertionError(f"step {plan.step}: consolidations {plan.consolidations}, not 1 -> 2 first")
 
-    sampling = [0.0]  # the student's on-policy sampling inside seeding (HF generate)
-    sample = seeding.sample
-
-    def timed_sample(*args, **kw):
-        t0 = time.perf_counter()
-        try:
-            return sample(*args, **kw)
-        finally:
-            sampling[0] += time.perf_counter() - t0
-
     phase = "consolidate_1_to_2"
-    with mock.patch.object(seeding, "sample", timed_sample):
+    with _timed_sampling() as sampling:
         w0, c0 = time.perf_counter(), time.process_time()
         data = learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"), 1)
         teacher_s = time.perf_counter() - w0

@@ -4,9 +4,14 @@ results.csv, worked out by hand; separate method/seed folders; the seed folders 
 import json
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the smoke test's helpers (tests is no package)
+from test_continual_smoke import _write_stream  # noqa: E402
 
 from sleep_ray.bench import continual
 from sleep_ray.eval.report import MethodResult
@@ -157,13 +162,7 @@ def _fake_run_method(method, cfg, stream, bcfg):
 
 
 def _stream(path):
-    rows = []
-    for task, word in (("colors", "red"), ("animals", "cat")):
-        for split, n in (("train", 8), ("val", 2), ("test", 2)):
-            for i in range(n):
-                rows.append({"task": task, "split": split, "prompt": f"{task} {i}:",
-                             "completion": f" {word}", "choices": [" red", " cat"]})
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _write_stream(path)  # the smoke test's 2-task JSONL stream
     return str(path)
 
 
