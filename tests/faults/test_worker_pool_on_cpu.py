@@ -10,6 +10,7 @@ test_actor_faults_on_cpu.py.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,7 +105,13 @@ def test_a_worker_that_cannot_restart_leaves_and_its_call_goes_to_another(ray_lo
     # Nothing left: one line, not a hang.
     from sleep_ray.actors.pool import PoolLostError
 
-    ray.kill(pool[0], no_restart=True)
+    ray.kill(pool[0], no_restart=True)  # asynchronous: a call sent at once may still be served
+    for _ in range(100):
+        try:
+            ray.get(pool[0].pid.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.1)
     with pytest.raises(PoolLostError, match="every standin worker died"):
         squares(ray, pool, [1], version=5)
 
