@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,18 @@ from sleep_ray.types import Example, MemoryState
 
 class NonFiniteLossError(RuntimeError):
     """More training steps had a NaN/inf loss or gradient than `run.max_nonfinite_steps` allows."""
+
+
+@dataclass(frozen=True)
+class FitStatistics:
+    """What `Learner.fit_statistics` measured on the teacher for the new expert's start: the
+    experts it takes over, the experts a transition changes, and per memory layer
+    `teacher_map`'s statistics and the teacher's factors of `experts + changing`."""
+
+    experts: list[tuple[int, int]]
+    changing: list[tuple[int, int]]
+    stats: list[tuple]
+    factors: list[list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class _Fitted(Exception):
@@ -221,8 +234,9 @@ class Learner:
         `update`: the source level keeps its contents and takes its pending chunk; what that
         update would destroy is what the teacher knew on *older* contexts, so D holds only
         contexts whose updates the level already held (never the chunk's own inputs, where the
-        new expert would learn to cancel the chunk), and the new expert starts from zero (a
-        copy would count twice what the level keeps).
+        new expert would learn to cancel the chunk). With `memory.expert_init: fit` the new
+        expert starts as the map that gives back, on the older contexts, what the chunk changed
+        in the level's output (`fit_statistics`); otherwise it starts from zero (a copy would count twice what the level keeps).
         """
         t0 = time.perf_counter()
         transition = self.cfg.schedule.transition(source)
@@ -247,10 +261,13 @@ class Learner:
         cosine = self.cfg.memory.router == "cosine"
         pairs = self.context_pairs(held["contexts"])
         keys = self.route_keys(pairs, target) if cosine and self.cfg.memory.keys_from == "teacher" else None
-        init = self.new_expert_init(taken if transition == "reset" or earlier else [],
-                                    target, held["contexts"])
+        changing = ([(source, e) for e in M.active_experts(self.model, source)]
+                    if transition == "update" and level_opt is not None and level_opt.pending else [])
+        fitted = self.fit_statistics(taken if transition == "reset" or earlier else [], target,
+                                     held["contexts"], changing)
         # 2. Transition of the source level.
         self._transition(source, transition, level_opt)
+        init = self.new_expert_init(fitted, target)
         for pool in M.pools(self.model, source):
             pool.active[earlier] = False
         # 3. Expansion: one new expert (and router entry) at the target level.
@@ -308,52 +325,81 @@ class Learner:
         if level_opt is not None:
             level_opt.reset()
 
-    def new_expert_init(self, taken: list[tuple[int, int]], target: int,
-                        contexts: Sequence[Example]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per layer, the new expert's starting factors (None: B = 0, `memory.expert_init: zero`).
+    def fit_statistics(self, taken: list[tuple[int, int]], target: int,
+                       contexts: Sequence[Example], changing: list[tuple[int, int]] = ()
+                       ) -> FitStatistics | None:
+        """What the new expert's start is fitted to, measured on the teacher before the
+        transition (None: B = 0, `memory.expert_init: zero`, or nothing to take over).
 
-        What the student loses on D is what the teacher's experts in `taken` (reset or pruned)
-        and the target level's experts (whose inputs the new key now takes) added to each
-        token, each at its routed gate. "copy": the rank-r sum of those experts, each weighted
-        by its mean gate over the window's tokens. "fit": the rank-r map that reproduces their
-        routed sum on the window's hidden states, pulled toward that mean where the hidden
-        states say nothing (`M.fit_low_rank`): where several experts took turns (pruning a level
-        routed top-1), one map cannot be their sum, but it can be each on its own inputs.
+        `taken`: the experts reset or pruned, and with them the target level's experts (whose
+        inputs the new key now takes): their routed sum on `contexts` is what the student loses.
+        `changing` (the `update` transition): the source level's experts, which stay but take
+        their pending chunk; what the chunk changes on `contexts` (older inputs only, never the
+        chunk's own) is lost too.
         """
         cfg = self.cfg.memory
-        if cfg.expert_init == "zero":
-            return None
         experts = list(taken) + [(target, e) for e in M.active_experts(self.model, target)]
-        if not experts:
+        fit = cfg.expert_init == "fit"
+        changing = list(changing) if fit else []
+        if cfg.expert_init == "zero" or not (experts or changing):
             return None
-        pairs = self.context_pairs(contexts, cfg.fit_contexts)
-        stats = self.teacher_map(pairs, experts, fit=cfg.expert_init == "fit")
+        stats = self.teacher_map(self.context_pairs(contexts, cfg.fit_contexts), experts, fit, changing)
+        factors = [[memory.levels[level - 1].factors(e) for level, e in experts + changing]
+                   for memory in M.memories(self.model)]
+        return FitStatistics(experts, changing, stats, factors)
+
+    def new_expert_init(self, fitted: FitStatistics | None, target: int
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer, the new expert's starting factors from `fit_statistics`, taken after the
+        transition (None: B = 0).
+
+        "copy": the rank-r sum of the taken experts, each weighted by its mean gate over the
+        window's tokens. "fit": the rank-r map that reproduces their routed sum, plus what the
+        transition changed in the `changing` experts, on the window's hidden states, pulled
+        toward the mean-gate sum where the hidden states say nothing (`M.fit_low_rank`): where
+        several experts took turns (pruning a level routed top-1), one map cannot be their
+        sum, but it can be each on its own inputs.
+        """
+        if fitted is None:
+            return None
+        cfg = self.cfg.memory
         init = []
-        for memory, (mean_gate, gram, cross) in zip(M.memories(self.model), stats):
-            factors = [memory.levels[level - 1].factors(e) for level, e in experts]
+        n = len(fitted.experts)
+        for memory, (mean_gate, gram, cross, gated), teacher_factors in zip(
+                M.memories(self.model), fitted.stats, fitted.factors):
+            factors, before = teacher_factors[:n], teacher_factors[n:]
             weights = [float(w) for w in mean_gate]
             rank = memory.levels[target - 1].rank
             if cfg.expert_init == "copy":
-                init.append(M.low_rank_sum(factors, weights, rank))
+                init.append(M.low_rank_sum(factors, weights, rank))  # `experts` is never empty here
                 continue
-            prior = sum(w * (a.float().cpu() @ b.float().cpu()) for (a, b), w in zip(factors, weights))
+            dim = memory.levels[target - 1].A[0].shape[0]
+            prior = sum((w * (a.float().cpu() @ b.float().cpu()) for (a, b), w in zip(factors, weights)),
+                        torch.zeros(dim, dim))
+            for (level, e), (a0, b0), g in zip(fitted.changing, before, gated):
+                pool = memory.levels[level - 1]
+                a1, b1 = pool.factors(e)
+                change = a0.float().cpu() @ b0.float().cpu() - a1.float().cpu() @ b1.float().cpu()
+                cross = cross + pool.scale * (g @ change.double())
             scale = memory.levels[target - 1].scale
             init.append(M.fit_low_rank(gram, cross / scale, prior, rank, cfg.fit_ridge))
         return init
 
     @torch.no_grad()
-    def teacher_map(self, pairs, experts: list[tuple[int, int]], fit: bool, chunk: int = 32
-                    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    def teacher_map(self, pairs, experts: list[tuple[int, int]], fit: bool,
+                    changing: list[tuple[int, int]] = (), chunk: int = 32) -> list[tuple]:
         """Per memory layer, over the real tokens of `pairs` as the model runs now: each of
-        `experts`' mean gate (n,), and with `fit` the statistics X^T X and X^T Y of the layer's
-        memory inputs X and what those experts added Y (each at its gate)."""
+        `experts`' mean gate (n,), with `fit` the statistics X^T X and X^T Y of the layer's
+        memory inputs X and what those experts added Y (each at its gate), and for each of
+        `changing` X^T G X with G its gates (what any change of its map adds to X^T Y)."""
         mems = M.memories(self.model)
         dim = self.model.config.hidden_size
         gate_sum = [torch.zeros(len(experts)) for _ in mems]
         grams = [torch.zeros(dim, dim, dtype=torch.float64) for _ in mems] if fit else [None] * len(mems)
         crosses = [torch.zeros(dim, dim, dtype=torch.float64) for _ in mems] if fit else [None] * len(mems)
+        gated = [[torch.zeros(dim, dim, dtype=torch.float64) for _ in changing] for _ in mems]
         tokens = 0
-        levels = sorted({level for level, _ in experts})
+        levels = sorted({level for level, _ in list(experts) + list(changing)})
         for start in range(0, len(pairs), chunk):
             with M.capture_memory_inputs(self.model) as captured:
                 _, _, batch = completion_logits(self.model, list(pairs[start:start + chunk]),
@@ -373,7 +419,11 @@ class Learner:
                 if fit:  # accumulated on the CPU in float64, whatever device the model is on
                     grams[i] += (x.T @ x).double().cpu()
                     crosses[i] += (x.T @ y).double().cpu()
-        return [(s / max(tokens, 1), gm, cr) for s, gm, cr in zip(gate_sum, grams, crosses)]
+                for j, (level, e) in enumerate(changing):
+                    g = gates[level][i][mask][:, e].float()
+                    gated[i][j] += (x.T @ (g[:, None] * x)).double().cpu()
+        return [(s / max(tokens, 1), gm, cr, gt)
+                for s, gm, cr, gt in zip(gate_sum, grams, crosses, gated)]
 
     def hand_over(self, source: int, target: int, slot: int, held: dict[str, list[Example]],
                   earlier: list[int], transition: str) -> None:

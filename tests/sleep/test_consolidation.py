@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sleep_ray.config import load_config
+from sleep_ray.data.collate import collate_examples
 from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.sleep import dreaming
@@ -97,6 +98,36 @@ def test_an_older_expert_keeps_its_pairs_when_a_second_window_is_consolidated():
     consolidate(learner, 1, 2, seed=2)
     # Centred cosine keys send the first window's keys to the first expert.
     assert learner.heldout_score(first) >= 0.9
+
+
+def mean_loss(learner, examples) -> float:
+    batch = collate_examples(learner.tok, examples, learner.cfg.data.max_length)
+    with torch.no_grad():
+        return float(learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   labels=batch.labels).loss)
+
+
+def test_an_update_keeps_the_older_pairs_and_what_its_chunk_learned():
+    # `update`: the fast level learned pairs A, then takes a pending chunk of 8 steps on pairs B.
+    # Applied, that chunk alone turns A from 1.0 to 0.3 (measured: B = 0 as the new expert's
+    # start). The new expert starts as what the chunk changed on the older contexts, so A is
+    # kept, and what the chunk learned on its own inputs stays (B's loss no higher than the
+    # teacher's; measured 5.78 -> 5.71, the tolerance is a tenth of that fall's scale).
+    learner = make_learner("schedule.transitions=['update', 'reset', 'reset']",
+                           "schedule.chunk_sizes=[4, 0, 0]", "seeding.steps=0")
+    older, chunk = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, older)
+    rng = random.Random(1)
+    for _ in range(8):
+        learner.wake_step(rng.sample(chunk, 8))  # accumulated, not applied: the pending chunk
+    assert learner.heldout_score(older) == 1.0
+    chunk_loss = mean_loss(learner, chunk)
+    stats = consolidate(learner, 1, 2)
+    assert stats["consolidate/kept"] >= 0.9, stats
+    assert learner.heldout_score(older) >= 0.9
+    assert mean_loss(learner, chunk) <= chunk_loss + 0.01
+    assert not learner.levels[1].pending  # the chunk was applied, to the fast level
+    assert M.active_experts(learner.model, 1) == [0]
 
 
 def test_a_slower_wake_level_keeps_its_pending_sum_across_a_consolidation():
