@@ -5,6 +5,7 @@
     sleep-ray footprint [--config FILE]                   bytes of expert / memory / model
     sleep-ray bench continual --stream ... --output DIR   Sleep vs the baselines (report + plots)
     sleep-ray bench consolidation --path ... --output DIR what each consolidation keeps
+    sleep-ray bench ablation --seeds 0,1,2 --output DIR   Sleep with one part changed per row
     sleep-ray bench systems [--quick] [--rows ...]        the six systems rows (systems.md)
     sleep-ray serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key K]   OpenAI-compatible API
     sleep-ray serve RUN_DIR --learn --learn-api-key L     ... that keeps learning what it is taught
@@ -135,6 +136,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from sleep_ray.bench.continual import main as continual_main
 
         continual_main(args.rest)
+    elif args.which == "ablation":
+        from sleep_ray.bench.ablation import main as ablation_main
+
+        ablation_main(args.rest)
     elif args.which == "consolidation":
         from sleep_ray.bench.consolidation import main as consolidation_main
 
@@ -187,11 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
              "sleep-ray footprint --config jobs/configs/tiny.yaml")
     add_config_args(p)
     p.set_defaults(func=cmd_footprint)
-    p = _sub(sub, "bench", "benchmarks: `continual` (Sleep vs baselines), `consolidation` (what "
+    p = _sub(sub, "bench", "benchmarks: `continual` (Sleep vs baselines), `ablation` (Sleep with "
+                           "one part changed per row), `consolidation` (what "
                            "a consolidation keeps), `systems` (the six systems rows), `footprint`; "
                            "`sleep-ray bench NAME --help` for a benchmark's own arguments",
              "sleep-ray bench continual --stream synthetic_languages --output runs/bench")
-    p.add_argument("which", choices=["continual", "consolidation", "systems", "footprint"])
+    p.add_argument("which", choices=["continual", "ablation", "consolidation", "systems", "footprint"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (--help)")
     p.set_defaults(func=cmd_bench)
     p = _sub(sub, "serve", "serve RUN_DIR's model (newest memory, hot-reloaded) over an "

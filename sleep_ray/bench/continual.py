@@ -369,7 +369,9 @@ def aggregate(runs: list[SavedRun], order: tuple[str, ...] = (), keep_methods: l
     return {"std": STD_NOTE, "methods": table, "notes": notes}
 
 
-def _cell(stats: dict, n: int, digits: int = 3) -> str:
+def stats_cell(stats: dict, n: int, digits: int = 3) -> str:
+    """One table cell of `_stats`' numbers: "mean ± std", with "(n=k)" when fewer than the `n`
+    seeds had a number; "-" when none had."""
     if stats["mean"] is None:
         return "-"
     cell = f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
@@ -393,9 +395,9 @@ def summary_markdown(summary: dict, commands: list[str], header: dict[str, str])
     for e in summary["methods"]:
         fs = e["final_scores"]
         rows.append({"method": e["method"], "seeds": f"{e['n']} ({', '.join(map(str, e['seeds']))})",
-                     **{m: _cell(e["metrics"][m], e["n"]) if m in e["metrics"] else "-" for m in metrics},
+                     **{m: stats_cell(e["metrics"][m], e["n"]) if m in e["metrics"] else "-" for m in metrics},
                      "final scores (mean)": " ".join(f"{x:.2f}" for x in fs["mean"]) if fs else "-",
-                     "seconds": _cell(e["seconds"], e["n"], 1)})
+                     "seconds": stats_cell(e["seconds"], e["n"], 1)})
     lines += [markdown(pd.DataFrame(rows)), ""]
     tasks = next((e["final_scores"]["tasks"] for e in summary["methods"]
                   if e["final_scores"] and e["final_scores"]["tasks"]), None)
@@ -422,14 +424,20 @@ def summary_markdown(summary: dict, commands: list[str], header: dict[str, str])
     return "\n".join(lines)
 
 
-def write_summary(out: Path, runs: list[SavedRun], command: str, header: dict[str, str],
-                  notes: list[str] = (), table_only: bool = False, keep_methods: list[str] | None = None,
-                  keep_seeds: list[int] | None = None) -> str:
-    """summary.md and summary.json in `out` from the runs; returns the markdown."""
-    try:
-        order = methods()
-    except ImportError:  # the baselines' imports missing: order of appearance
-        order = ("sleep",)
+def build_summary(runs: list[SavedRun], command: str, header: dict[str, str], notes: list[str] = (),
+                  table_only: bool = False, keep_methods: list[str] | None = None,
+                  keep_seeds: list[int] | None = None, order: tuple[str, ...] | None = None) -> dict:
+    """What summary.json holds: `aggregate`'s table and notes, the commands (this one first, or
+    the runs' own first with `table_only`), the header read from the runs' report.md (stream,
+    model, machine: one value, or each value where the runs differ) and the runs counted.
+    `order`: the methods' order (default: report order, `methods()`). Other benchmarks that
+    compare something else than methods (`bench ablation`: one row per ablation) name their rows
+    in the runs' "method" field and give their own order."""
+    if order is None:
+        try:
+            order = methods()
+        except ImportError:  # the baselines' imports missing: order of appearance
+            order = ("sleep",)
     summary = aggregate(runs, order, keep_methods, keep_seeds)
     summary["notes"] = list(notes) + summary["notes"]
     used = {Path(f) for e in summary["methods"] for f in e["folders"]}
@@ -454,7 +462,15 @@ def write_summary(out: Path, runs: list[SavedRun], command: str, header: dict[st
                               "command": r.report.get("command")} for r in counted]})
     if table_only:
         summary["table_command"] = command
-    text = summary_markdown(summary, commands, head)
+    return summary
+
+
+def write_summary(out: Path, runs: list[SavedRun], command: str, header: dict[str, str],
+                  notes: list[str] = (), table_only: bool = False, keep_methods: list[str] | None = None,
+                  keep_seeds: list[int] | None = None) -> str:
+    """summary.md and summary.json in `out` from the runs; returns the markdown."""
+    summary = build_summary(runs, command, header, notes, table_only, keep_methods, keep_seeds)
+    text = summary_markdown(summary, summary["commands"], summary["header"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
