@@ -44,7 +44,15 @@ Chat template: the tokenizer's own when it has one; otherwise each message becom
 `"{role}: {content}"`, followed by `"assistant:"` (the tiny tokenizers have none).
 
 Sampling: `temperature` 0 is greedy; `seed` (default 0) makes a request repeatable; `n` must be
-1; `top_p`, `stop`, `logprobs` and penalties are not supported (`stop` is refused with 400).
+1; `top_p`, `stop` and penalties are not supported (`stop` is refused with 400).
+
+Log-probs (`/v1/completions`, not streamed), as OpenAI's completions API gives them: `logprobs`
+(0-5) returns each completion token's log-prob and the `logprobs` most likely tokens at each
+position (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); `echo: true` puts the prompt
+in front of the text, and with `logprobs` the prompt's tokens in front of those lists (the first
+prompt token has none: `null`). That is how a client scores candidate answers by likelihood:
+`echo` + `logprobs` + `max_tokens: 1`, summing the answer's prompt-token log-probs. Prompt
+log-probs bypass vLLM's prefix cache (each is computed by the request's own forward pass).
 """
 
 from __future__ import annotations
@@ -98,6 +106,40 @@ app = FastAPI(title="sleep_ray")
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+
+MAX_LOGPROBS = 5  # OpenAI's completions API takes `logprobs` in [0, 5]
+
+
+def echo_logprobs_options(body: dict, stream: bool) -> tuple[bool, int | None]:
+    """(`echo`, `logprobs`) of a completions body, or 400 naming the parameter: `echo` a boolean,
+    `logprobs` null or an integer in [0, 5], neither with `stream`."""
+    echo = body.get("echo")
+    echo = False if echo is None else echo
+    if not isinstance(echo, bool):
+        raise APIError(400, "'echo' must be a boolean.", param="echo", code="invalid_type")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise APIError(400, f"'logprobs' must be null or an integer in [0, {MAX_LOGPROBS}]; got "
+                            f"{logprobs!r}.", param="logprobs", code="invalid_value")
+    if stream and (echo or logprobs is not None):
+        raise APIError(400, f"'{'echo' if echo else 'logprobs'}' is not supported with 'stream' on "
+                            "this server.", param="echo" if echo else "logprobs",
+                       code="invalid_value")
+    return echo, logprobs
+
+
+def _scored(token: int, position, k: int, first: bool = False) -> tuple:
+    """(token, its log-prob, {id: log-prob} of the `k` most likely) from vLLM's {id: Logprob} of
+    one position (None for the prompt's first token, which nothing predicts)."""
+    if first or position is None:
+        return token, None, None
+    entry = position.get(token)
+    best = sorted(((t, p) for t, p in position.items() if p.rank is not None and p.rank <= k),
+                  key=lambda tp: tp[1].rank)
+    return token, (float(entry.logprob) if entry is not None else None), \
+        {t: float(p.logprob) for t, p in best}
 
 
 # ---------------------------------------------------------------------- the deployment
@@ -345,9 +387,12 @@ class SleepLLM:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        req = completion_request(await self._raw(request), self.model_name, self._encode,
-                                 self.max_len, self.vocab_size, self.max_body_bytes)
+        raw = await self._raw(request)
+        req = completion_request(raw, self.model_name, self._encode, self.max_len,
+                                 self.vocab_size, self.max_body_bytes)
         ids, sampling = req.ids, req.sampling
+        body = parse_body(raw)
+        echo, logprobs = echo_logprobs_options(body, req.stream)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def base(version: int) -> dict:
@@ -359,11 +404,73 @@ class SleepLLM:
                 return dict(base(version), choices=[{"index": 0, "text": text, "logprobs": None,
                                                      "finish_reason": finish}])
             return await self._stream(ids, sampling, chunk, req.include_usage)
-        out, version = await self._complete(ids, sampling)
+        scored = None
+        if logprobs is None:
+            out, version = await self._complete(ids, sampling)
+        else:
+            out, version, scored = await self._complete_logprobs(ids, sampling, logprobs, echo)
         finish = "length" if len(out) >= sampling["max_new_tokens"] else "stop"
-        return dict(base(version), choices=[{"index": 0, "text": self._decode(out), "logprobs": None,
-                                             "finish_reason": finish}],
+        prompt = body["prompt"][0] if isinstance(body["prompt"], list) and len(body["prompt"]) == 1 \
+            and isinstance(body["prompt"][0], str) else body["prompt"]
+        head = (prompt if isinstance(prompt, str) else self._decode(ids)) if echo else ""
+        lp = self._openai_logprobs(scored) if scored is not None else None
+        return dict(base(version), choices=[{"index": 0, "text": head + self._decode(out),
+                                             "logprobs": lp, "finish_reason": finish}],
                     usage=_usage(len(ids), len(out)))
+
+    async def _complete_logprobs(self, ids: list[int], sampling: dict, k: int,
+                                 echo: bool) -> tuple[list[int], int, list[tuple]]:
+        """(new ids, memory version, scored tokens) of one request with log-probs: each scored
+        token (id, its log-prob or None, {id: log-prob} of the `k` most likely), the prompt's
+        first when `echo`. The sampling settings are `AsyncVLLMEngine.generate`'s (same seed,
+        so the text is what the request without log-probs gets), plus vLLM's (prompt) logprobs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        from sleep_ray.engines.vllm import _request_seed
+
+        params = SamplingParams(
+            max_tokens=sampling["max_new_tokens"],
+            temperature=0.0 if sampling["greedy"] else sampling["temperature"], top_p=1.0, top_k=0,
+            seed=_request_seed(sampling["seed"], 0), detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY, logprobs=k,
+            prompt_logprobs=k if echo else None)
+        self._note_activity()
+        final = None
+        async with self.gate.admit():
+            version = self.engine.memory_version()
+            async for final in self.engine.engine.generate(
+                    TokensPrompt(prompt_token_ids=list(ids)), params, uuid.uuid4().hex):
+                pass
+        if final is None:
+            raise APIError(500, "The engine returned no output.", "server_error")
+        gen = final.outputs[0]
+        out = list(gen.token_ids)
+        scored = []
+        if echo:
+            prompt_lps = final.prompt_logprobs or [None] * len(ids)
+            scored += [_scored(t, prompt_lps[i] if i < len(prompt_lps) else None, k, first=i == 0)
+                       for i, t in enumerate(ids)]
+        lps = gen.logprobs or [None] * len(out)
+        scored += [_scored(t, lps[i] if i < len(lps) else None, k) for i, t in enumerate(out)]
+        return out, version, scored
+
+    def _openai_logprobs(self, scored: list[tuple]) -> dict:
+        """The `logprobs` object of OpenAI's completions API for scored tokens."""
+        tokens = [self._decode([t]) for t, _, _ in scored]
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        top = []
+        for _, _, best in scored:
+            entry = None if best is None else {}
+            for t, v in (best or {}).items():  # most likely first: a text two tokens share
+                entry.setdefault(self._decode([t]), v)  # keeps the likelier one's log-prob
+            top.append(entry)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in scored],
+                "top_logprobs": top, "text_offset": offsets}
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):

@@ -42,14 +42,14 @@ def server(ray_session, tmp_path_factory, free_port):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", ["model.pretrain_steps=0", "run.engine=local",
                                                        "rollout.backend=vllm"])
-    model, _ = build_sleep_model(cfg)
+    model, tok = build_sleep_model(cfg)
     save_config(cfg, run_dir / "config.yaml")
     save_memory_state(export_memory_state(model, 1), run_dir / "memory.safetensors")
     port = free_port()
     start(run_dir, host="127.0.0.1", port=port, api_key=KEY, poll_s=0.5, kv_cache_gib=0.25)
     base = f"http://127.0.0.1:{port}"
     try:
-        yield type("Server", (), dict(run_dir=run_dir, model=model, base=base,
+        yield type("Server", (), dict(run_dir=run_dir, model=model, tok=tok, base=base,
                                       client=openai.OpenAI(base_url=f"{base}/v1", api_key=KEY,
                                                            max_retries=0, timeout=120)))
     finally:
@@ -111,6 +111,47 @@ def test_concurrent_requests_match_their_solo_answers(server):
     for t in threads:
         t.join()
     assert together == solo
+
+
+def test_echo_logprobs_score_the_prompt_as_the_model_does(server):
+    """OpenAI's `echo` + `logprobs`: the prompt's token log-probs (the first has none), as the
+    HF model with the same memory computes them, then the completion's; the text is the prompt
+    and the completion the same request without log-probs gets. `logprobs` alone: the
+    completion's only. A client scores candidate answers by likelihood this way."""
+    ids = server.tok("hello world and more", add_special_tokens=False).input_ids
+    plain = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0)
+    r = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0,
+                                         echo=True, logprobs=2)
+    lp, n = r.choices[0].logprobs, len(ids)
+    assert r.choices[0].text == server.tok.decode(ids, skip_special_tokens=True) + plain.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    # the 2 most likely tokens at each position, keyed by their text (two partial characters
+    # both read U+FFFD: one entry, the likelier's)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    with torch.no_grad():
+        logits = server.model(input_ids=torch.tensor([ids])).logits[0].float()  # (n, V)
+    want = logits.log_softmax(-1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    got = torch.tensor(lp.token_logprobs[1:n])
+    assert torch.allclose(got, want, atol=2e-3), (got, want)
+    greedy = lp.token_logprobs[n:]  # greedy tokens: each the most likely at its position
+    assert all(v == pytest.approx(max(top.values()), abs=1e-5)
+               for v, top in zip(greedy, lp.top_logprobs[n:]))
+    alone = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=3,
+                                             temperature=0, logprobs=0)
+    assert alone.choices[0].text == plain.choices[0].text
+    assert alone.choices[0].logprobs.token_logprobs == pytest.approx(greedy, abs=1e-4)
+    assert alone.choices[0].logprobs.top_logprobs == [{}, {}, {}]
+    echoed = server.client.completions.create(model=MODEL, prompt="hello", max_tokens=2,
+                                              temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("hello") and echoed.choices[0].logprobs is None
+    for bad, param in ((dict(logprobs=6), "logprobs"), (dict(logprobs=True), "logprobs"),
+                       (dict(echo="yes"), "echo"), (dict(logprobs=1, stream=True), "logprobs"),
+                       (dict(echo=True, stream=True), "echo")):
+        r = httpx.post(f"{server.base}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 1, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
 
 @pytest.mark.parametrize("kwargs, status, param", [
