@@ -3,11 +3,11 @@ one command, on one stream.
 
     sleep-ray bench ablation --seeds 0,1,2 --output runs/bench_ablation
     sleep-ray bench ablation --config benchmarks/configs/languages_3levels.yaml \\
-        --rows benchmarks/configs/ablations.yaml --only full,no_dreaming --output runs/bench_ablation
+        --rows benchmarks/ablations.yaml --only full,no_dreaming --output runs/bench_ablation
     sleep-ray bench ablation --table-only --output runs/bench_ablation
 
 A row is a name and a list of SECTION.FIELD=VALUE overrides (values YAML), read from the `--rows`
-file (default benchmarks/configs/ablations.yaml: row name -> list of overrides). They apply on
+file (default benchmarks/ablations.yaml: row name -> list of overrides). They apply on
 top of the base config (`--config`; default: the config the rows file names in a
 `# written for: PATH` comment) and of `--set`, which every row takes; where a row and `--set`
 name the same field the row's value counts (a row is what it changes) and the table says so.
@@ -53,7 +53,7 @@ from sleep_ray.config import ConfigError, load_config
 if TYPE_CHECKING:
     from sleep_ray.config import SleepConfig
 
-DEFAULT_ROWS = "benchmarks/configs/ablations.yaml"
+DEFAULT_ROWS = "benchmarks/ablations.yaml"
 DEFAULT_SEEDS = "0,1,2"  # the issue asks for mean ± std over three seeds
 METRICS = ("ACC", "BWT", "forgetting", "retention")
 ROW_RECORD = "row.json"

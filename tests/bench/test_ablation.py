@@ -1,5 +1,5 @@
 """`sleep-ray bench ablation`: two rows end to end on the tiny model and a micro stream, the table
-rebuilt by --table-only, and every row of benchmarks/configs/ablations.yaml valid on the config
+rebuilt by --table-only, and every row of benchmarks/ablations.yaml valid on the config
 it is written for (no run)."""
 
 import json
