@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -236,7 +236,8 @@ class Learner:
         contexts whose updates the level already held (never the chunk's own inputs, where the
         new expert would learn to cancel the chunk). With `memory.expert_init: fit` the new
         expert starts as the map that gives back, on the older contexts, what the chunk changed
-        in the level's output (`fit_statistics`); otherwise it starts from zero (a copy would count twice what the level keeps).
+        in the level's output (`fit_statistics`); otherwise it starts from zero (a copy would
+        count twice what the level keeps).
         """
         t0 = time.perf_counter()
         transition = self.cfg.schedule.transition(source)
