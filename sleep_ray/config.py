@@ -159,6 +159,16 @@ class MemoryConfig:
     # (facts stream, one seed, docs/results.md): per-layer routing sent 0.90 of a window's
     # held-out tokens to its expert, the first layer's decision 0.69.
     shared_routing: bool = False
+    # Level gate (the project's choice where the paper is silent; needs `router: discriminant`):
+    # one discriminant over the experts of every level, the fast level's class being its
+    # current window (refit every `gate_refit_every` wake steps and at each consolidation). An
+    # input goes to the memory that holds it: where an expert of level l wins, the levels
+    # faster than l add nothing to it, since what they hold was learned after that knowledge
+    # was consolidated. Without it the fast level (one expert, always on) and a level's only
+    # expert act on every input, old tasks' included. Wake inputs are the fast level's by
+    # definition: while training on them every level routes on its own.
+    level_gate: bool = False
+    gate_refit_every: int = 10
     # Random expert injection (dreams): the gate share of the injected expert at its level (the
     # project's choice; the paper says only "activates one random expert").
     inject_share: float = 0.5
@@ -206,6 +216,11 @@ class MemoryConfig:
             if not 1 <= k <= cap:
                 _fail(f"{at}.top_k", self.top_k,
                       f"level {level} top-k {k} must be in [1, capacity={cap}]")
+        if self.level_gate and self.router != "discriminant":
+            _fail(f"{at}.level_gate", self.level_gate, "needs router: discriminant (comparable "
+                  "scores across levels)")
+        if self.gate_refit_every <= 0:
+            _fail(f"{at}.gate_refit_every", self.gate_refit_every, "must be positive")
         if self.router_ridge <= 0:
             _fail(f"{at}.router_ridge", self.router_ridge, "must be positive")
         if self.router_contexts <= 0:

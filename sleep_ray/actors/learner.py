@@ -122,7 +122,7 @@ class LearnerWorker:
         batch = collate_examples(L.tok, examples, L.cfg.data.max_length)
         pools = [pool for memory in M.memories(L.model) for pool in memory.levels]
         usage = [pool.usage.clone() for pool in pools]
-        with M.track_usage(L.model):  # as Learner.wake_step: usage decides which experts merge
+        with M.track_usage(L.model), M.wake_inputs(L.model):  # as Learner.wake_step
             loss = self._slice_loss(*(t.to(L.model.device) for t in
                                       (batch.input_ids, batch.attention_mask, batch.labels)))
         self._sum_usage(pools, usage)

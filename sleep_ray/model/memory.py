@@ -11,8 +11,15 @@ never change as experts are activated or pruned (the paper's own implementation 
 Routers: "cosine" scores cos(h, key_e) / temperature with a key fixed from the hidden states an
 expert was seeded on (it cannot drift onto old tasks' inputs); "discriminant" scores w_e . h + b_e,
 the linear discriminant that tells apart the data the level's experts hold, refit at every
-consolidation (`discriminant_router`); "linear" is a router row trained by gradient. Random expert injection (dreams) adds one random active expert per router, behind a
-tensor-valued switch (`inject` buffer) so the same module can run inside vLLM.
+consolidation (`discriminant_router`); "linear" is a router row trained by gradient. Random
+expert injection (dreams) adds one random active expert per router, behind a tensor-valued switch
+(`inject` buffer) so the same module can run inside vLLM.
+
+Level gate (`memory.level_gate`, discriminant routers): one discriminant over the experts of
+every level, the fast level's class being its current window. An input goes to the memory that
+holds it: where an expert of level l wins, the levels faster than l stay out of the input
+(what they hold was written after that knowledge was consolidated; `level_mask`). Wake inputs
+are the fast level's by definition, so inside `wake_inputs` every level routes on its own.
 """
 
 from __future__ import annotations
@@ -119,6 +126,16 @@ def discriminant_router(sums: torch.Tensor, counts: torch.Tensor, second: torch.
     return rows.float(), bias.float()
 
 
+def level_mask(best: torch.Tensor) -> torch.Tensor:
+    """(..., L) each level's best router score (the dtype's minimum where it has no fitted
+    class) -> (..., L) 0/1: level l takes part iff it is not faster than the level of the best
+    score over all. Where no level has a fitted class every level takes part (ties go to the
+    faster level)."""
+    winner = best.argmax(-1, keepdim=True)  # (..., 1)
+    levels = torch.arange(best.shape[-1], device=best.device)
+    return (levels >= winner).to(best.dtype)
+
+
 class ExpertPool(nn.Module):
     """One CMS level's experts at one layer: `capacity` low-rank experts, a router, a mask."""
 
@@ -152,6 +169,9 @@ class ExpertPool(nn.Module):
         self.routes = True
         self.shared: dict[int, torch.Tensor] | None = None
         self.route_mask: torch.Tensor | None = None  # (B, T_total) real tokens, sequence routing
+        # Level gate: the scores the layer computed for this call and whether this level takes
+        # part, (B, T, 1); set by `LayerMemory.forward` and used once by `routed_gates`.
+        self.decision: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
         for e in range(self.capacity):
             self.reset_expert(e)
@@ -258,8 +278,9 @@ class ExpertPool(nn.Module):
         self._seq_state = (csum[:, -1:], count[:, -1:])
         return csum / count.clamp_min(1.0)
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) -> (B, T, E) gate weights; zero for unselected and inactive experts."""
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, E) router scores, the dtype's minimum for inactive experts. Under
+        sequence routing this advances the running prefix mean of generation: once per call."""
         keys = torch.stack(list(self.router))  # (E, P, d)
         r = self.route_input(x)
         if self.router_kind == "cosine":
@@ -268,8 +289,16 @@ class ExpertPool(nn.Module):
             scores = r @ keys[:, 0].T  # (B, T, E)
             if self.router_kind == "discriminant":
                 scores = scores + self.router_bias.to(scores.dtype)
+        return scores.masked_fill(~self.active, torch.finfo(scores.dtype).min)
+
+    def fitted(self) -> torch.Tensor:
+        """(E,) bool: active experts whose router entry was fitted (a nonzero row)."""
+        return self.active & (torch.stack(list(self.router)).abs().sum((-1, -2)) > 0)
+
+    def gates(self, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) -> (B, T, E) gate weights; zero for unselected and inactive experts."""
+        scores = self.scores(x) if scores is None else scores
         neg = torch.finfo(scores.dtype).min
-        scores = scores.masked_fill(~self.active, neg)
         k = min(self.top_k, self.capacity)
         top = scores.topk(k, dim=-1).indices
         selected = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True) & self.active
@@ -320,10 +349,13 @@ class ExpertPool(nn.Module):
     def routed_gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, E): this pool's own gates, or, with shared routing, those the
         routing layer computed for the same tokens in this forward pass."""
-        if self.shared is None:
-            return self.gates(x)
-        if self.routes:
-            self.shared[self.level] = g = self.gates(x)
+        if self.shared is None or self.routes:
+            scores, on = self.decision if self.decision is not None else (None, None)
+            self.decision = None
+            g = self.gates(x, scores)
+            g = g if on is None else g * on
+            if self.shared is not None:
+                self.shared[self.level] = g
             return g
         g = self.shared.get(self.level)
         if g is None or g.shape[:2] != x.shape[:2]:
@@ -351,10 +383,44 @@ class LayerMemory(nn.Module):
             ExpertPool(dim, cfg, level, layer, seed) for level in range(1, cfg.num_levels + 1)
         )
         self._capture: list[torch.Tensor] | None = None
+        self.level_gate = cfg.level_gate
+        self.wake = False  # inside `wake_inputs`: the level gate stands aside
+
+    def gate_levels(self, x: torch.Tensor) -> None:
+        """Level gate at a layer that routes: score every level once and leave each pool its
+        scores and whether it takes part (`level_mask` over each level's best fitted score)."""
+        for pool, decision in zip(self.levels, self.decide(x)):
+            pool.decision = decision
+
+    def decide(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level: its router scores (B, T, E) and whether it takes part (B, T, 1)."""
+        scores = [pool.scores(x) for pool in self.levels]
+        neg = torch.finfo(scores[0].dtype).min
+        best = torch.stack([s.masked_fill(~pool.fitted(), neg).max(-1).values
+                            for pool, s in zip(self.levels, scores)], dim=-1)  # (B, T, L)
+        on = level_mask(best)
+        return [(s, on[..., i:i + 1]) for i, s in enumerate(scores)]
+
+    def gates(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """(B, T, E) gates of 1-based `level` for inputs `x` of this layer, as the forward pass
+        routes them when this layer routes (the level gate included)."""
+        if not self.level_gate:
+            return self.levels[level - 1].gates(x)
+        scores, on = self.decide(x)[level - 1]
+        return self.levels[level - 1].gates(x, scores) * on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._capture is not None:
             self._capture.append(x.detach())
+        if self.level_gate and not self.wake and self.levels[0].routes:
+            self.gate_levels(x)
+        try:
+            return self.run_pools(x)
+        finally:
+            for pool in self.levels:  # a skipped pool must not keep this call's decision
+                pool.decision = None
+
+    def run_pools(self, x: torch.Tensor) -> torch.Tensor:
         pools = list(self.levels)
         if not torch.is_grad_enabled():
             # Without gradients, a pool with no active expert adds exactly zero (its gates are all
@@ -563,6 +629,20 @@ def random_injection(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         set_random_injection(model, False)
+
+
+@contextlib.contextmanager
+def wake_inputs(model: nn.Module) -> Iterator[None]:
+    """Inside this block the inputs are wake data, the fast level's current window by
+    definition: the level gate stands aside and every level routes on its own."""
+    mems = memories(model)
+    for memory in mems:
+        memory.wake = True
+    try:
+        yield
+    finally:
+        for memory in mems:
+            memory.wake = False
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ class Learner:
         for level in self.levels:
             M.set_trainable(self.model, level)
         batch = collate_examples(self.tok, examples, self.cfg.data.max_length).to(self.model.device)
-        with M.track_usage(self.model):  # routed gate mass per expert: "merge the least used"
+        with M.track_usage(self.model), M.wake_inputs(self.model):  # usage: "merge the least used"
             loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               labels=batch.labels).loss
         loss.backward()
@@ -127,6 +127,8 @@ class Learner:
             self.window.add(examples, self.wake_steps)
         else:
             self.count_nonfinite("wake", 1)
+        if self.cfg.memory.level_gate and self.wake_steps % self.cfg.memory.gate_refit_every == 0:
+            self.refit_routers()  # the fast level's class follows its window
         return {"wake/loss": loss.item(), "wake/skipped": float(not ok),
                 "nonfinite_steps": float(self.nonfinite_steps)}
 
@@ -245,6 +247,8 @@ class Learner:
         if transition == "reset" and level_opt is not None:
             level_opt.apply()  # the teacher holds all the level learned; nothing is dropped
         held = self.consolidated_data(source)
+        if self.cfg.memory.level_gate:
+            self.refit_routers()  # the teacher: the fast level's class is its whole window
         before = self.heldout_score(held["heldout"])
         # 1. Teacher: the model as it is now (D was sampled from it).
         teacher = export_memory_state(self.model, self.version)
@@ -280,8 +284,10 @@ class Learner:
         if student_keys:
             self.student_keys(pairs, target, slot)
         discriminant = self.cfg.memory.router == "discriminant"
+        emptied = {(1, e): [] for e in M.active_experts(self.model, 1)
+                   } if source == 1 and transition == "reset" else {}
         if discriminant:
-            self.refit_routers({(target, slot): held["contexts"]})
+            self.refit_routers({(target, slot): held["contexts"]} | emptied)
         # 4. Knowledge seeding: only the new expert trains.
         M.freeze_memory(self.model)
         params = M.set_trainable(self.model, target, slot)
@@ -295,7 +301,7 @@ class Learner:
         if student_keys:  # seeding changed what the new expert adds, so what the layers see
             self.student_keys(pairs, target, slot)
         if discriminant and stats.get("seed/steps", 0) > 0:
-            self.refit_routers({(target, slot): held["contexts"]})
+            self.refit_routers({(target, slot): held["contexts"]} | emptied)
         # 5. Pruning of the source level's earlier experts.
         for pool in M.pools(self.model, source):
             for e in earlier:
@@ -464,8 +470,8 @@ class Learner:
         mems = M.memories(self.model)
         if self.cfg.memory.shared_routing:
             first = mems[0]
-            return [first.levels[level - 1].gates(captured[first.layer][0])] * len(mems)
-        return [m.levels[level - 1].gates(captured[m.layer][0]) for m in mems]
+            return [first.gates(captured[first.layer][0], level)] * len(mems)
+        return [m.gates(captured[m.layer][0], level) for m in mems]
 
     @torch.no_grad()
     def route_keys(self, pairs, target: int) -> list[torch.Tensor]:
@@ -509,48 +515,44 @@ class Learner:
         level with two or more active experts gets the linear discriminant that tells apart the
         contexts its experts hold (`expert_data`, or `data` for an expert not handed over yet;
         up to `router_contexts` each), fitted on the route inputs of their every real token
-        (`M.discriminant_router`). One forward pass over all those contexts, up to the last layer
-        that routes (with `shared_routing`, the first); each layer is fitted just before it
-        routes, so later layers see earlier layers' new routing, as at inference. An expert
-        without kept contexts keeps its entry."""
-        data = data or {}
+        (`M.discriminant_router`). With `memory.level_gate`, one discriminant over the experts
+        of every level instead, the fast level's class being its window (its scores are then
+        comparable across levels). One forward pass over all those contexts, up to the last
+        layer that routes (with `shared_routing`, the first); each layer is fitted just before
+        it routes, so later layers see earlier layers' new routing, as at inference. An expert
+        without contexts keeps its entry."""
+        groups = self.router_classes(data or {})
+        if not groups:
+            return
         n = self.cfg.memory.router_contexts
         pairs: list[tuple[list[int], list[int]]] = []
-        classes: dict[int, list[tuple[int, slice]]] = {}  # level -> (slot, its rows of the batch)
-        for level in range(1, M.num_levels(self.model) + 1):
-            slots = M.active_experts(self.model, level)
-            if len(slots) < 2:
-                continue
-            for e in slots:
-                contexts = data.get((level, e)) or self.expert_data.get((level, e), {}).get("contexts", [])
-                if contexts:
-                    rows = self.context_pairs(contexts, n)
-                    classes.setdefault(level, []).append((e, slice(len(pairs), len(pairs) + len(rows))))
-                    pairs += rows
-        classes = {level: c for level, c in classes.items() if len(c) >= 2}
-        if not classes:
-            return
+        fits: list[list[tuple[int, int, slice]]] = []  # per discriminant: (level, slot, rows)
+        for group in groups:
+            fits.append([])
+            for level, e, contexts in group:
+                rows = self.context_pairs(contexts, n)
+                fits[-1].append((level, e, slice(len(pairs), len(pairs) + len(rows))))
+                pairs += rows
         mask = pairs_to_batch(pairs, self.tok.pad_token_id)[0].attention_mask.bool()
 
         def refit(memory, args):
             x = args[0]
+            if not memory.levels[0].routes:  # shared routing: this layer reads the first's gates
+                return
+            r = memory.levels[0].route_input(x)
             m = mask.to(x.device)
-            for level, members in classes.items():
-                pool = memory.levels[level - 1]
-                if not pool.routes:  # shared routing: this layer reads the first layer's gates
-                    continue
-                r = pool.route_input(x)
+            for members in fits:
                 dim = r.shape[-1]
                 sums = torch.zeros(len(members), dim, dtype=torch.float64)
                 counts = torch.zeros(len(members), dtype=torch.float64)
                 second = torch.zeros(dim, dim, dtype=torch.float64)
-                for i, (_, rows) in enumerate(members):
+                for i, (_, _, rows) in enumerate(members):
                     z = r[rows][m[rows]].double().cpu()  # (N_e, d)
                     sums[i], counts[i] = z.sum(0), len(z)
                     second += z.T @ z
                 weights, bias = M.discriminant_router(sums, counts, second, self.cfg.memory.router_ridge)
-                for i, (e, _) in enumerate(members):
-                    pool.set_router(e, weights[i], float(bias[i]))
+                for i, (level, e, _) in enumerate(members):
+                    memory.levels[level - 1].set_router(e, weights[i], float(bias[i]))
             if memory is last:  # nothing after the last memory layer is needed (no logits)
                 raise _Fitted
 
@@ -564,6 +566,33 @@ class Learner:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def router_classes(self, data: dict[tuple[int, int], Sequence[Example]]
+                       ) -> list[list[tuple[int, int, Sequence[Example]]]]:
+        """The classes of each discriminant `refit_routers` fits, as (level, slot, contexts):
+        per level with two or more experts holding contexts, or, with `memory.level_gate`, one
+        over every expert that holds some, the fast level's holding its window (`data` first:
+        an expert not handed over yet, or a fast level just emptied)."""
+        gate = self.cfg.memory.level_gate
+        groups: list[list[tuple[int, int, Sequence[Example]]]] = []
+        for level in range(1, M.num_levels(self.model) + 1):
+            slots = M.active_experts(self.model, level)
+            if len(slots) < 2 and not gate:
+                continue
+            members = []
+            for e in slots:
+                if (level, e) in data:
+                    contexts = data[(level, e)]
+                elif level == 1:
+                    contexts = self.window.until(self.wake_steps) if gate else []
+                else:
+                    contexts = self.expert_data.get((level, e), {}).get("contexts", [])
+                if contexts:
+                    members.append((level, e, contexts))
+            groups.append(members)
+        if gate:
+            groups = [[member for group in groups for member in group]]
+        return [group for group in groups if len(group) >= 2]
 
     # ---------------------------------------------------------------- sleep: dreaming
 

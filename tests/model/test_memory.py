@@ -367,3 +367,61 @@ def test_shared_routing_gives_every_layer_the_first_layers_decision(shared):
     assert len(seen) == len(M.pools(model, 2)) >= 2
     same = all(torch.equal(seen[0], s) for s in seen[1:])
     assert same == shared
+
+
+def test_level_mask_by_hand():
+    low = torch.finfo(torch.float32).min
+    best = torch.tensor([[0.5, 2.0, 1.0],   # level 2 wins: level 1 stays out
+                         [3.0, 1.0, low],   # the fast level wins: every level takes part
+                         [low, low, 4.0],   # the slowest wins: only it
+                         [low, low, low]])  # nothing fitted: every level
+    assert M.level_mask(best).tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 1, 1]]
+
+
+def _gated_memory(routing: str):
+    """A tiny model whose fast expert holds inputs near +u and a level-2 expert inputs near -u
+    (u: a direction of the first memory layer's input), both with nonzero deltas."""
+    cfg = load_config(None, ["model.pretrain_steps=0", "memory.capacity=[1, 3, 2]",
+                             "memory.router=discriminant", "memory.shared_routing=true",
+                             "memory.level_gate=true", f"memory.routing={routing}"])
+    model, tok = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    memory = M.memories(model)[0]
+    u = torch.randn(memory.levels[0].dim, generator=g)
+    M.activate_expert(model, 2)
+    for pool in (memory.levels[0], memory.levels[1]):
+        pool.B[0].data.normal_(0, 0.1, generator=g)
+    memory.levels[0].set_router(0, u, 0.0)
+    memory.levels[1].set_router(0, -u, 0.0)
+    return model, tok, memory, u
+
+
+def test_the_level_gate_keeps_faster_levels_out_of_a_slower_experts_inputs():
+    _, _, memory, u = _gated_memory("token")
+    fast, slow = memory.levels[0], memory.levels[1]
+    x = torch.randn(2, 5, fast.dim, generator=torch.Generator().manual_seed(1)) * 0.01
+    x[0] += u  # the fast level's inputs
+    x[1] -= u  # the level-2 expert's
+    with torch.no_grad():
+        own = [pool.forward(x) for pool in (fast, slow)]  # each pool alone, no decision left
+        out = memory(x)
+        memory.wake = True  # wake inputs: every level routes on its own
+        woken = memory(x)
+        memory.wake = False
+    assert torch.allclose(out[0], own[0][0] + own[1][0])
+    assert torch.allclose(out[1], own[1][1])  # no fast-level term
+    assert torch.allclose(woken, own[0] + own[1])
+    assert all(pool.decision is None for pool in memory.levels)
+
+
+def test_the_level_gate_decides_once_per_generated_token():
+    """Sequence routing keeps a running prefix mean in generation: the level gate's scoring
+    must advance it once per call, so greedy decoding agrees with one teacher-forced pass."""
+    model, tok, memory, _ = _gated_memory("sequence")
+    ids = _ids(tok, ["the cat sees a bird"])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        # The prompt's prefill and one call per generated token but the last: each counted once.
+        assert [int(pool._seq_state[1].sum()) for pool in memory.levels] == [out.shape[1] - 1] * 3
+        full = model(input_ids=out).logits
+    assert torch.equal(full[0, ids.shape[1] - 1:-1].argmax(-1), out[0, ids.shape[1]:])

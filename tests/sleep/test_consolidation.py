@@ -261,3 +261,18 @@ def test_a_fitted_expert_reproduces_two_routed_experts_it_prunes():
     assert stats["consolidate/pruned"] == 2 and M.active_experts(learner.model, 2) == []
     after = [learner.heldout_score(first), learner.heldout_score(second)]
     assert min(a / b for a, b in zip(after, before)) >= 0.9, (before, after)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_a_new_window_in_the_fast_level_leaves_a_consolidated_one_alone(gate):
+    # The fast level is one expert; unless the level gate keeps it out of inputs a slower
+    # expert holds, learning the next window there overwrites the consolidated one's answers
+    # (measured without it: 1.0 -> 0.3) before that window is ever consolidated.
+    learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
+                           f"memory.level_gate={str(gate).lower()}")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, first)
+    consolidate(learner, 1, 2)
+    learn(learner, second)
+    assert learner.heldout_score(second) >= 0.8
+    assert (learner.heldout_score(first) >= 0.9) == gate
