@@ -169,6 +169,11 @@ class MemoryConfig:
     # definition: while training on them every level routes on its own.
     level_gate: bool = False
     gate_refit_every: int = 10
+    # With the level gate: the backbone, the slowest level, has a class too, fitted on
+    # `router_contexts` of its own samples (from BOS, the memory off; drawn once per run).
+    # Where it wins, no level adds anything: inputs like nothing the memory learned get the
+    # pretrained model's answer (a served model keeps its general answers).
+    backbone_class: bool = False
     # Random expert injection (dreams): the gate share of the injected expert at its level (the
     # project's choice; the paper says only "activates one random expert").
     inject_share: float = 0.5
@@ -219,6 +224,8 @@ class MemoryConfig:
         if self.level_gate and self.router != "discriminant":
             _fail(f"{at}.level_gate", self.level_gate, "needs router: discriminant (comparable "
                   "scores across levels)")
+        if self.backbone_class and not self.level_gate:
+            _fail(f"{at}.backbone_class", self.backbone_class, "needs level_gate: true")
         if self.gate_refit_every <= 0:
             _fail(f"{at}.gate_refit_every", self.gate_refit_every, "must be positive")
         if self.router_ridge <= 0:
@@ -707,7 +714,7 @@ def save_config(cfg: SleepConfig, path: str | Path) -> None:
 # Fields (dotted prefixes) whose change makes a saved learner state or memory the wrong shape
 # or meaning: the backbone and tokenizer, the memory's layout, which levels hold optimizer
 # state, the dreamer adapter, and the stream a checkpoint's position points into.
-RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.capacity", "memory.router",
+RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.capacity", "memory.router", "memory.backbone_class",
                  "schedule.chunk_sizes", "schedule.wake_levels", "schedule.optimizer",
                  "dreaming.enabled", "dreaming.dreamer", "dreaming.dreamer_rank",
                  "dreaming.dreamer_targets", "data.stream", "data.path", "data.num_tasks",

@@ -20,6 +20,8 @@ every level, the fast level's class being its current window. An input goes to t
 holds it: where an expert of level l wins, the levels faster than l stay out of the input
 (what they hold was written after that knowledge was consolidated; `level_mask`). Wake inputs
 are the fast level's by definition, so inside `wake_inputs` every level routes on its own.
+With `memory.backbone_class` the backbone is the slowest class: where what it says by itself
+(its own samples) is nearest, no level adds anything.
 """
 
 from __future__ import annotations
@@ -281,8 +283,11 @@ class ExpertPool(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, E) router scores, the dtype's minimum for inactive experts. Under
         sequence routing this advances the running prefix mean of generation: once per call."""
+        return self.route_scores(self.route_input(x))
+
+    def route_scores(self, r: torch.Tensor) -> torch.Tensor:
+        """Router scores of route inputs r (`route_input`): (B, T, d) -> (B, T, E)."""
         keys = torch.stack(list(self.router))  # (E, P, d)
-        r = self.route_input(x)
         if self.router_kind == "cosine":
             scores = self.prototype_scores(r, keys)
         else:
@@ -385,6 +390,19 @@ class LayerMemory(nn.Module):
         self._capture: list[torch.Tensor] | None = None
         self.level_gate = cfg.level_gate
         self.wake = False  # inside `wake_inputs`: the level gate stands aside
+        # The backbone's own class in the level gate (`memory.backbone_class`): where it wins,
+        # no level adds anything. A zero row is unfitted.
+        if cfg.backbone_class:
+            self.register_buffer("backbone_row", torch.zeros(dim))
+            self.register_buffer("backbone_bias", torch.zeros(()))
+        else:
+            self.backbone_row = self.backbone_bias = None
+
+    @torch.no_grad()
+    def set_backbone(self, row: torch.Tensor, bias: float) -> None:
+        """The backbone's discriminant entry: score w . x + bias (see `discriminant_router`)."""
+        self.backbone_row.copy_(row.to(self.backbone_row))
+        self.backbone_bias.fill_(bias)
 
     def gate_levels(self, x: torch.Tensor) -> None:
         """Level gate at a layer that routes: score every level once and leave each pool its
@@ -393,12 +411,21 @@ class LayerMemory(nn.Module):
             pool.decision = decision
 
     def decide(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per level: its router scores (B, T, E) and whether it takes part (B, T, 1)."""
-        scores = [pool.scores(x) for pool in self.levels]
+        """Per level: its router scores (B, T, E) and whether it takes part (B, T, 1). Every
+        level of a layer sees the same route input: the first computes it (advancing its running
+        prefix mean in generation) and the others take its state."""
+        first = self.levels[0]
+        r = first.route_input(x)
+        for pool in self.levels[1:]:
+            pool._seq_state = first._seq_state
+        scores = [pool.route_scores(r) for pool in self.levels]
         neg = torch.finfo(scores[0].dtype).min
-        best = torch.stack([s.masked_fill(~pool.fitted(), neg).max(-1).values
-                            for pool, s in zip(self.levels, scores)], dim=-1)  # (B, T, L)
-        on = level_mask(best)
+        best = [s.masked_fill(~pool.fitted(), neg).max(-1).values for pool, s in zip(self.levels, scores)]
+        if self.backbone_row is not None:  # the slowest "level": where it wins, none takes part
+            fitted = bool(self.backbone_row.abs().sum() > 0)
+            backbone = r @ self.backbone_row.to(r.dtype) + self.backbone_bias.to(r.dtype)
+            best.append(backbone if fitted else torch.full_like(backbone, neg))
+        on = level_mask(torch.stack(best, dim=-1))  # (B, T, L or L + 1)
         return [(s, on[..., i:i + 1]) for i, s in enumerate(scores)]
 
     def gates(self, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -629,6 +656,19 @@ def random_injection(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         set_random_injection(model, False)
+
+
+@contextlib.contextmanager
+def memory_off(model: nn.Module) -> Iterator[None]:
+    """The backbone alone inside this block: every expert masked, restored after."""
+    saved = [(pool, pool.active.clone()) for m in memories(model) for pool in m.levels]
+    for pool, _ in saved:
+        pool.active.zero_()
+    try:
+        yield
+    finally:
+        for pool, active in saved:
+            pool.active.copy_(active)
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ class Learner:
         self.window = Reservoir(s.reservoir_size, seed=cfg.run.seed)
         self.window_heldout = Reservoir(s.heldout_size, seed=cfg.run.seed + 1)
         self.expert_data: dict[tuple[int, int], dict[str, list[Example]]] = {}
+        self.backbone_contexts: list[Example] | None = None  # `memory.backbone_class`, drawn once
         self.applied_step = 0  # the last wake step whose update the fast level holds
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.version = 0
@@ -552,7 +553,10 @@ class Learner:
                     second += z.T @ z
                 weights, bias = M.discriminant_router(sums, counts, second, self.cfg.memory.router_ridge)
                 for i, (level, e, _) in enumerate(members):
-                    memory.levels[level - 1].set_router(e, weights[i], float(bias[i]))
+                    if level == 0:
+                        memory.set_backbone(weights[i], float(bias[i]))
+                    else:
+                        memory.levels[level - 1].set_router(e, weights[i], float(bias[i]))
             if memory is last:  # nothing after the last memory layer is needed (no logits)
                 raise _Fitted
 
@@ -592,7 +596,22 @@ class Learner:
             groups.append(members)
         if gate:
             groups = [[member for group in groups for member in group]]
+            if self.cfg.memory.backbone_class:  # "level 0": the backbone's own samples
+                groups[0].append((0, 0, self.backbone_samples()))
         return [group for group in groups if len(group) >= 2]
+
+    def backbone_samples(self) -> list[Example]:
+        """What the backbone says by itself: `router_contexts` samples from BOS with the memory
+        off (drawn at the first call and kept, in checkpoints too)."""
+        if self.backbone_contexts is None:
+            bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+            n = self.cfg.memory.router_contexts
+            with M.memory_off(self.model):
+                rows = sample(self.model, self.tok, [[bos]] * n, self.cfg.seeding.max_new_tokens,
+                              temperature=1.0, seed=self.cfg.run.seed)
+            texts = self.tok.batch_decode(rows, skip_special_tokens=True)
+            self.backbone_contexts = [Example("backbone", "train", "", t) for t in texts if t.strip()]
+        return self.backbone_contexts
 
     # ---------------------------------------------------------------- sleep: dreaming
 
@@ -657,6 +676,8 @@ class Learner:
                 "recent": [example_to_dict(e) for e in self.recent],
                 "window": self.window.state_dict(), "window_heldout": self.window_heldout.state_dict(),
                 "applied_step": self.applied_step,
+                "backbone_contexts": (None if self.backbone_contexts is None else
+                                      [example_to_dict(e) for e in self.backbone_contexts]),
                 "expert_data": [{"level": level, "slot": slot,
                                  **{k: [example_to_dict(e) for e in v] for k, v in d.items()}}
                                 for (level, slot), d in self.expert_data.items()],
@@ -686,6 +707,8 @@ class Learner:
         self.window.load_state_dict(state["window"])
         self.window_heldout.load_state_dict(state["window_heldout"])
         self.applied_step = state["applied_step"]
+        backbone = state.get("backbone_contexts")
+        self.backbone_contexts = None if backbone is None else [example_from_dict(e) for e in backbone]
         self.expert_data = {(d["level"], d["slot"]): {k: [example_from_dict(e) for e in d[k]]
                                                       for k in ("contexts", "heldout")}
                             for d in state["expert_data"]}

@@ -19,6 +19,7 @@ from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.learner import Learner
+from sleep_ray.sleep.seeding import completion_logits
 from sleep_ray.types import Example
 
 WAKE_STEPS = 150  # the fast level reaches 1.0 on 10 pairs in ~120 steps (measured)
@@ -276,3 +277,30 @@ def test_a_new_window_in_the_fast_level_leaves_a_consolidated_one_alone(gate):
     learn(learner, second)
     assert learner.heldout_score(second) >= 0.8
     assert (learner.heldout_score(first) >= 0.9) == gate
+
+
+@pytest.mark.parametrize("backbone", [True, False])
+def test_the_backbone_class_leaves_what_the_memory_never_learned_to_the_backbone(backbone):
+    # With the backbone as the slowest class of the level gate, most of the backbone's own
+    # samples get exactly its answer (no level adds anything), while the windows' pairs keep
+    # theirs; without it the memory adds to every input.
+    learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
+                           "memory.routing=sequence", "memory.level_gate=true",
+                           f"memory.backbone_class={str(backbone).lower()}")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, first)
+    consolidate(learner, 1, 2)
+    learn(learner, second)
+    assert learner.heldout_score(first) >= 0.9 and learner.heldout_score(second) >= 0.8
+    general = learner.context_pairs(learner.backbone_samples(), 16)
+    with torch.no_grad():
+        logits = completion_logits(learner.model, general, learner.tok.pad_token_id)[0]
+        with M.memory_off(learner.model):
+            alone = completion_logits(learner.model, general, learner.tok.pad_token_id)[0]
+    same = [bool(torch.equal(x, y)) for x, y in zip(logits, alone)]
+    assert sum(same) >= 0.6 * len(same) if backbone else not any(same)
+    if backbone:  # drawn once, kept in a checkpoint
+        other = make_learner("memory.router=discriminant", "memory.level_gate=true",
+                             "memory.backbone_class=true")
+        other.load_state_dict(learner.state_dict())
+        assert other.backbone_contexts == learner.backbone_contexts
