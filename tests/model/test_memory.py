@@ -425,3 +425,14 @@ def test_the_level_gate_decides_once_per_generated_token():
         assert [int(pool._seq_state[1].sum()) for pool in memory.levels] == [out.shape[1] - 1] * 3
         full = model(input_ids=out).logits
     assert torch.equal(full[0, ids.shape[1] - 1:-1].argmax(-1), out[0, ids.shape[1]:])
+
+
+def test_the_level_gate_takes_the_flat_token_batch_of_the_vllm_engine():
+    # vLLM runs the memory on its flattened batch as one row (1, num_tokens, d), per-token
+    # routing only: the same gates as the requests run apart.
+    _, _, memory, u = _gated_memory("token")
+    x = torch.randn(2, 5, memory.levels[0].dim, generator=torch.Generator().manual_seed(2))
+    x[0] += u
+    x[1] -= u
+    with torch.no_grad():
+        assert torch.allclose(memory(x.reshape(1, 10, -1)), memory(x).reshape(1, 10, -1), atol=1e-6)
