@@ -167,6 +167,8 @@ class LocalSleepRun:
                                 self.cfg.data.max_length, self.cfg.data.max_new_tokens)[0]
                    for task in tasks]
         self.record.R.append(row)
+        log.info("R row after task %d (step %d): %s", t, self.clock.step,
+                 " ".join(f"{task.name}={s:.3f}" for task, s in zip(self.stream.tasks, row)))
         self.log({"step": self.clock.step, "eval/after_task": t,
                   **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
 
