@@ -50,6 +50,11 @@ def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[lis
     return out
 
 
+def bos_id(tok: PreTrainedTokenizerBase) -> int:
+    """The token a self-prompted sample starts from: BOS, or EOS where the tokenizer has none."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
 def _cut_at_eos(row: list[int], eos: int) -> list[int]:
     return row[:row.index(eos) + 1] if eos in row else row
 

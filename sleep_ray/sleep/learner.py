@@ -29,7 +29,7 @@ from sleep_ray.eval.evaluate import heldout_score
 from sleep_ray.model import memory as M
 from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep import dreaming
-from sleep_ray.sleep.generation import sample
+from sleep_ray.sleep.generation import bos_id, sample
 from sleep_ray.sleep.seeding import (SeedingData, completion_logits, finite_step, pairs_to_batch, seed_expert,
                                      seeding_data)
 from sleep_ray.sleep.window import Reservoir, example_from_dict, example_to_dict
@@ -190,8 +190,7 @@ class Learner:
                 contexts = [contexts[i] for i in picked.tolist()]
             cuts = [self.wake_prefix(e, g) for e in contexts]
             return [p for p, _ in cuts], [min(left + 1, cfg.max_new_tokens) for _, left in cuts]
-        bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
-        return [[bos]] * cfg.num_samples, [cfg.max_new_tokens] * cfg.num_samples
+        return [[bos_id(self.tok)]] * cfg.num_samples, [cfg.max_new_tokens] * cfg.num_samples
 
     def wake_prefix(self, example: Example, g: torch.Generator) -> tuple[list[int], int]:
         """The prompt and a random cut of the completion (at least one token of the text when
@@ -604,10 +603,10 @@ class Learner:
         """What the backbone says by itself: `router_contexts` samples from BOS with the memory
         off (drawn at the first call and kept, in checkpoints too)."""
         if self.backbone_contexts is None:
-            bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
             n = self.cfg.memory.router_contexts
             with M.memory_off(self.model):
-                rows = sample(self.model, self.tok, [[bos]] * n, self.cfg.seeding.max_new_tokens,
+                rows = sample(self.model, self.tok, [[bos_id(self.tok)]] * n,
+                              self.cfg.seeding.max_new_tokens,
                               temperature=1.0, seed=self.cfg.run.seed)
             texts = self.tok.batch_decode(rows, skip_special_tokens=True)
             self.backbone_contexts = [Example("backbone", "train", "", t) for t in texts if t.strip()]

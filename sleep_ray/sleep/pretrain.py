@@ -27,6 +27,7 @@ from sleep_ray.data.collate import collate_pairs
 from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
 from sleep_ray.model.build import build_model, build_tokenizer, load_backbone
 from sleep_ray.model.tokenizer import default_cache_dir
+from sleep_ray.sleep.generation import bos_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def pretrain(cfg: ModelConfig, lines: list[str], out_dir: Path) -> Path:
     encoded = [tok(line, add_special_tokens=False).input_ids[:min(48, cfg.max_position_embeddings - 2)]
                for line in lines]
     encoded = [ids for ids in encoded if ids]
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    bos = bos_id(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.pretrain_lr, total_steps=cfg.pretrain_steps,
                                                 pct_start=0.1)
