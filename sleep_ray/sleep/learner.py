@@ -464,6 +464,40 @@ class Learner:
         shares = [float(g[mask][:, slot].mean()) for g in self.layer_gates(captured, level)]
         return sum(shares) / len(shares)
 
+    @torch.no_grad()
+    def route_census(self, examples: Sequence[Example]) -> dict[str, float]:
+        """With the level gate: the share of `examples` whose answer (the prompt's last token)
+        each class of the routing layer wins: "L{level}.{slot}" for an expert, "backbone" for the
+        backbone's class, "none" where no class is fitted yet. Where a task's questions go after
+        a sleep tells a routing failure from a consolidation that lost what it held. {} without
+        the gate (each level then routes on its own; no one winner)."""
+        if not examples or not self.cfg.memory.level_gate:
+            return {}
+        pairs = [encode_pair(self.tok, e.prompt, e.completion, self.cfg.data.max_length)
+                 for e in examples]
+        first = M.memories(self.model)[0]
+        with M.capture_memory_inputs(self.model) as captured:
+            completion_logits(self.model, pairs, self.tok.pad_token_id)
+            scores = [s for s, _ in first.decide(captured[first.layer][0])]  # L x (B, T, E)
+        at = torch.tensor([max(len(p), 1) - 1 for p, _ in pairs])
+        rows = torch.arange(len(pairs))
+        names, best = [], []
+        for level, (pool, s) in enumerate(zip(first.levels, scores), start=1):
+            s = s[rows, at].masked_fill(~pool.fitted(), float("-inf"))  # (B, E)
+            best.append(s.max(-1).values)
+            names.append([f"L{level}.{e}" for e in s.argmax(-1).tolist()])
+        if first.backbone_row is not None and bool(first.backbone_row.abs().sum() > 0):
+            r = first.levels[0].route_input(captured[first.layer][0])[rows, at]
+            best.append(r @ first.backbone_row.to(r.dtype) + first.backbone_bias.to(r.dtype))
+            names.append(["backbone"] * len(pairs))
+        best_all = torch.stack(best, -1)  # (B, L or L + 1)
+        winner = best_all.argmax(-1).tolist()  # ties to the faster level, as `M.level_mask`
+        census: dict[str, float] = {}
+        for i, w in enumerate(winner):
+            name = names[w][i] if torch.isfinite(best_all[i, w]) else "none"
+            census[name] = census.get(name, 0.0) + 1.0 / len(pairs)
+        return dict(sorted(census.items()))
+
     def layer_gates(self, captured: dict[int, list[torch.Tensor]], level: int) -> list[torch.Tensor]:
         """(B, T, E) gates of `level` at each memory layer for captured memory inputs: the first
         layer's at every layer under shared routing, as the forward pass uses them."""

@@ -169,8 +169,15 @@ class LocalSleepRun:
         self.record.R.append(row)
         log.info("R row after task %d (step %d): %s", t, self.clock.step,
                  " ".join(f"{task.name}={s:.3f}" for task, s in zip(self.stream.tasks, row)))
+        routes = {task.name: self.learner.route_census(task.test) for task in self.stream.tasks}
+        for name, census in routes.items():
+            if census:
+                log.info("routes of %s's test questions after task %d: %s", name, t,
+                         " ".join(f"{c}={share:.2f}" for c, share in census.items()))
         self.log({"step": self.clock.step, "eval/after_task": t,
-                  **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
+                  **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)},
+                  **{f"eval/route/{name}/{c}": share for name, census in routes.items()
+                     for c, share in census.items()}})
 
 
 def dream_task(cfg: SleepConfig, learner: Learner, task: Task) -> tuple[list[Example], list[Example]]:

@@ -273,10 +273,17 @@ def test_a_new_window_in_the_fast_level_leaves_a_consolidated_one_alone(gate):
                            f"memory.level_gate={str(gate).lower()}")
     first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
     learn(learner, first)
-    consolidate(learner, 1, 2)
+    slot = consolidate(learner, 1, 2)["consolidate/slot"]
     learn(learner, second)
     assert learner.heldout_score(second) >= 0.8
     assert (learner.heldout_score(first) >= 0.9) == gate
+    # Where each window's questions go: the consolidated expert and the fast level's window.
+    census = [learner.route_census(first), learner.route_census(second)]
+    if not gate:
+        assert census == [{}, {}]
+        return
+    assert all(sum(c.values()) == pytest.approx(1.0) for c in census)
+    assert census[0].get(f"L2.{slot}", 0) >= 0.8 and census[1].get("L1.0", 0) >= 0.8, census
 
 
 @pytest.mark.parametrize("backbone", [True, False])
