@@ -240,6 +240,11 @@ class Learner:
         expert starts as the map that gives back, on the older contexts, what the chunk changed
         in the level's output (`fit_statistics`); otherwise it starts from zero (a copy would
         count twice what the level keeps).
+        `update` under the level gate (`memory.level_gate`): the older contexts become the new
+        expert's class, and where it wins the source level stays out, so what the transition
+        destroys there is all the level added, not only the chunk's change: the new expert takes
+        over the level's whole output on them, as with `reset`, and the level's class (its
+        window) restarts at the pending chunk. The level keeps its contents for what comes next.
         """
         t0 = time.perf_counter()
         transition = self.cfg.schedule.transition(source)
@@ -247,6 +252,8 @@ class Learner:
         if transition == "reset" and level_opt is not None:
             level_opt.apply()  # the teacher holds all the level learned; nothing is dropped
         held = self.consolidated_data(source)
+        held_upto = self.applied_step  # with `update`, the fast level's window ends here
+        takes_all = transition == "reset" or self.cfg.memory.level_gate
         if self.cfg.memory.level_gate:
             self.refit_routers()  # the teacher: the fast level's class is its whole window
         before = self.heldout_score(held["heldout"])
@@ -267,8 +274,8 @@ class Learner:
         pairs = self.context_pairs(held["contexts"])
         keys = self.route_keys(pairs, target) if cosine and self.cfg.memory.keys_from == "teacher" else None
         changing = ([(source, e) for e in M.active_experts(self.model, source)]
-                    if transition == "update" and level_opt is not None and level_opt.pending else [])
-        fitted = self.fit_statistics(taken if transition == "reset" or earlier else [], target,
+                    if not takes_all and level_opt is not None and level_opt.pending else [])
+        fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
                                      held["contexts"], changing)
         # 2. Transition of the source level.
         self._transition(source, transition, level_opt)
@@ -284,8 +291,10 @@ class Learner:
         if student_keys:
             self.student_keys(pairs, target, slot)
         discriminant = self.cfg.memory.router == "discriminant"
-        emptied = {(1, e): [] for e in M.active_experts(self.model, 1)
-                   } if source == 1 and transition == "reset" else {}
+        # The fast level's class after the transition: nothing after a reset; the pending chunk
+        # after a gated update.
+        emptied = {(1, e): [] if transition == "reset" else self.window.since(held_upto)
+                   for e in M.active_experts(self.model, 1)} if source == 1 and takes_all else {}
         if discriminant:
             self.refit_routers({(target, slot): held["contexts"]} | emptied)
         # 4. Knowledge seeding: only the new expert trains.
@@ -308,7 +317,7 @@ class Learner:
                 pool.reset_expert(e)
         after = self.heldout_score(held["heldout"])
         share = self.route_share(held["heldout"] or held["contexts"], target, slot)
-        self.hand_over(source, target, slot, held, earlier, transition)
+        self.hand_over(source, target, slot, held, earlier, transition, held_upto)
         self._bind_wake_levels()
         self.newest_expert = (target, slot)
         self.version += 1
@@ -433,9 +442,10 @@ class Learner:
                 for s, gm, cr, gt in zip(gate_sum, grams, crosses, gated)]
 
     def hand_over(self, source: int, target: int, slot: int, held: dict[str, list[Example]],
-                  earlier: list[int], transition: str) -> None:
+                  earlier: list[int], transition: str, held_upto: int = 0) -> None:
         """Book-keeping after a consolidation: the new expert keeps (bounded) samples of the
-        data it took over; pruned experts and a reset window forget theirs."""
+        data it took over; pruned experts and a reset window forget theirs, and a gated update's
+        window keeps only its pending chunk (after wake step `held_upto`)."""
         size = {"contexts": self.cfg.seeding.reservoir_size, "heldout": self.cfg.seeding.heldout_size}
         g = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.version)
         kept = {}
@@ -450,6 +460,9 @@ class Learner:
         if source == 1 and transition == "reset":
             self.window.clear()
             self.window_heldout.clear()
+        elif source == 1 and self.cfg.memory.level_gate:
+            self.window.drop_until(held_upto)
+            self.window_heldout.drop_until(held_upto)
 
     @torch.no_grad()
     def route_share(self, examples: Sequence[Example], level: int, slot: int) -> float:

@@ -57,8 +57,19 @@ class Reservoir:
         """The sampled examples that arrived at or before `step`, in arrival order."""
         return [s.example for s in sorted(self.items, key=lambda s: s.step) if s.step <= step]
 
+    def since(self, step: int) -> list[Example]:
+        """The sampled examples that arrived after `step`, in arrival order."""
+        return [s.example for s in sorted(self.items, key=lambda s: s.step) if s.step > step]
+
     def clear(self) -> None:
         self.items, self.count = [], 0
+
+    def drop_until(self, step: int) -> None:
+        """Forget the items that arrived at or before `step`; what is left counts as a fresh
+        stream (the sample of the later items stays uniform only if none was dropped for them,
+        which holds while the reservoir is not full)."""
+        self.items = [s for s in self.items if s.step > step]
+        self.count = len(self.items)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -131,6 +131,32 @@ def test_an_update_keeps_the_older_pairs_and_what_its_chunk_learned():
     assert M.active_experts(learner.model, 1) == [0]
 
 
+def test_a_gated_update_hands_the_older_window_over_and_the_level_goes_on_learning():
+    # Under the level gate the older contexts become the new expert's class and the fast level
+    # stays out of them, so the new expert takes over all the level added there (not only the
+    # chunk's change); the level keeps its contents, and its class restarts at the chunk. It
+    # then learns the chunk's pairs on while the older ones stay answered.
+    learner = make_learner("schedule.transitions=['update', 'reset', 'reset']",
+                           "schedule.chunk_sizes=[4, 0, 0]", "seeding.steps=0",
+                           "memory.router=discriminant", "memory.shared_routing=true",
+                           "memory.level_gate=true")
+    older, chunk = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, older)
+    rng = random.Random(1)
+    for _ in range(8):
+        learner.wake_step(rng.sample(chunk, 8), chunk if _ == 0 else [])
+    stats = consolidate(learner, 1, 2)
+    assert stats["consolidate/kept"] >= 0.9, stats
+    assert not learner.levels[1].pending and M.active_experts(learner.model, 1) == [0]
+    assert {e.task for e in learner.window.until(learner.wake_steps)} == {"b"}  # the chunk's
+    assert {e.task for e in learner.expert_data[(2, stats["consolidate/slot"])]["contexts"]} == {"a"}
+    for i in range(WAKE_STEPS):
+        learner.wake_step(rng.sample(chunk, 8))
+        if i % 4 == 3:
+            learner.apply_updates([1])
+    assert learner.heldout_score(older) >= 0.9 and learner.heldout_score(chunk) >= 0.8
+
+
 def test_a_slower_wake_level_keeps_its_pending_sum_across_a_consolidation():
     # Level 2 takes wake gradients too (C(2) = 4). Its first expert accumulates for two steps;
     # a consolidation 1 -> 2 then adds a second expert (a rebinding of level 2's parameters):
