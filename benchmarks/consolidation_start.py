@@ -1,0 +1,131 @@
+"""One consolidation from one checkpoint, under several configs: what the new expert's start
+keeps, with no seeding step (or the config's), side by side.
+
+    python benchmarks/consolidation_start.py --config benchmarks/configs/real.yaml \\
+        --path runs/facts/facts_other.jsonl --set data.num_tasks=2 --step 200 \\
+        --checkpoint runs/start200.pt \\
+        --variant "memory.fit_ridge=0.001" --variant "memory.fit_ridge=1.0" \\
+        --variant "memory.expert_init=copy"
+
+Runs Sleep over the stream up to wake step --step and saves the learner there, just before
+its 1 -> 2 consolidation (or loads --checkpoint when it exists); then, for each --variant (comma
+list of SECTION.FIELD=VALUE on top of --set), restores that learner and runs the consolidation:
+kept on the window's held-out slice, the first divergence of student from teacher, the test
+score of every task, and where each task's test questions route (`Learner.route_census`).
+Variants run with `seeding.steps=0` unless they set it: the start alone is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="consolidation_start.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config of the Sleep run")
+    ap.add_argument("--path", required=True, help="JSONL stream file")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.FIELD=VALUE", help="overrides of every run")
+    ap.add_argument("--step", type=int, required=True,
+                    help="the wake step whose 1 -> 2 consolidation is compared")
+    ap.add_argument("--checkpoint", required=True,
+                    help="learner file: written when missing, read when present")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="comma list of overrides of one variant (repeatable; none: the config)")
+    return ap.parse_args(argv)
+
+
+def build(config: str, path: str, overrides: list[str]):
+    from sleep_ray.config import load_config
+    from sleep_ray.data import stream_from_config, stream_overrides
+    from sleep_ray.sleep.learner import Learner
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
+    cfg = load_config(config, stream_overrides(config, "jsonl", path, overrides))
+    model, tok = build_sleep_model(cfg)
+    return cfg, stream_from_config(cfg.data, cfg.run.seed), Learner(cfg, model, tok)
+
+
+class _Reached(Exception):
+    pass
+
+
+def save_before_consolidation(args) -> None:
+    """Sleep up to `args.step`; save the learner and its memory before that step's 1 -> 2."""
+    import torch
+
+    from sleep_ray.model.state import export_memory_state
+    from sleep_ray.sleep.loop import LocalSleepRun
+
+    cfg, stream, learner = build(args.config, args.path, args.overrides)
+    consolidate = learner.consolidate
+
+    def stop_there(source, target, data, seed):
+        if source == 1 and learner.wake_steps == args.step:
+            torch.save({"learner": learner.state_dict(),
+                        "memory": export_memory_state(learner.model, learner.version)}, args.checkpoint)
+            raise _Reached
+        return consolidate(source, target, data, seed)
+
+    learner.consolidate = stop_there
+    try:
+        LocalSleepRun(cfg, learner, stream).run()
+    except _Reached:
+        print(f"saved the learner before step {args.step}'s 1 -> 2 in {args.checkpoint}", flush=True)
+        return
+    raise SystemExit(f"no 1 -> 2 consolidation at wake step {args.step} in this run")
+
+
+def run_variant(args, variant: list[str]) -> dict:
+    import torch
+
+    from sleep_ray.eval.evaluate import score_stream
+    from sleep_ray.model.state import load_memory_state
+
+    steps = [] if any(v.startswith("seeding.steps=") for v in variant) else ["seeding.steps=0"]
+    cfg, stream, learner = build(args.config, args.path, args.overrides + steps + variant)
+    state = torch.load(args.checkpoint, weights_only=False)  # written by this script
+    load_memory_state(learner.model, state["memory"])
+    learner.load_state_dict(state["learner"])
+
+    def scores():
+        return [score_stream(learner.model, learner.tok, [t], "test", cfg.data.max_length,
+                             cfg.data.max_new_tokens)[0] for t in stream.tasks]
+
+    before = scores()
+    seed = cfg.run.seed * 1_000 + args.step
+    stats = learner.consolidate(1, 2, learner.teacher_samples(seed, 1), seed + 1)
+    return {"variant": ", ".join(variant) or "(the config)", "kept": stats["consolidate/kept"],
+            "first divergence": stats.get("seed/first_divergence", float("nan")),
+            "seeding steps": stats.get("seed/steps", 0.0),
+            "route share": stats["consolidate/route_share"],
+            "test before": before, "test after": scores(),
+            "routes": [learner.route_census(t.test) for t in stream.tasks]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    if not Path(args.checkpoint).exists():
+        save_before_consolidation(args)
+    variants = [[v.strip() for v in group.split(",") if v.strip()] for group in args.variant] or [[]]
+    print("| variant | kept | first divergence | seeding steps | route share | test before | "
+          "test after | routes of each task's test questions |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in variants:
+        r = run_variant(args, variant)
+        fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)
+        routes = "; ".join(" ".join(f"{c} {s:.2f}" for c, s in census.items()) for census in r["routes"])
+        print(f"| {r['variant']} | {r['kept']:.3f} | {r['first divergence']:.3f} | "
+              f"{r['seeding steps']:.0f} | {r['route share']:.2f} | {fmt(r['test before'])} | "
+              f"{fmt(r['test after'])} | {routes} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

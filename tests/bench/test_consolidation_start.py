@@ -1,0 +1,39 @@
+"""benchmarks/consolidation_start.py on the tiny model: the learner is saved before the chosen
+step's 1 -> 2, and every variant restarts from that same learner (so two runs of the config
+agree exactly, and a variant's override takes effect)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from sleep_ray.data.facts import facts_stream, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("consolidation_start",
+                                                  ROOT / "benchmarks/consolidation_start.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_variant_starts_from_the_saved_learner(tmp_path, capsys):
+    bench = _bench()
+    stream = tmp_path / "facts.jsonl"
+    write_jsonl(facts_stream(num_tasks=1, entities_per_task=4, attributes_per_entity=2, seed=0), stream)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {pretrain_steps: 0}\nschedule: {windows: [2, 4, 0]}\n"
+                      "dreaming: {enabled: false}\ndata: {stream: jsonl, batch_size: 4}\n")
+    checkpoint = tmp_path / "learner.pt"
+    argv = ["--config", str(config), "--path", str(stream), "--step", "4",
+            "--checkpoint", str(checkpoint), "--variant", "", "--variant", "",
+            "--variant", "memory.expert_init=zero"]
+    assert bench.main(argv) == 0 and checkpoint.exists()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3  # one per variant, after the header
+    config_a, config_b, zero = rows
+    assert config_a == config_b and "memory.expert_init=zero" in zero
+    assert zero.split("|")[3] != config_a.split("|")[3]  # first divergence: B = 0 is not the teacher
