@@ -195,7 +195,7 @@ class MemoryConfig:
     # is fitted on (their every real token). 1.0: as hard as the data pull an average input
     # direction. At 1e-3 the fit followed the window's statements closely and lost questions
     # worded otherwise: SmolLM2-135M, an untuned facts stream's second 1 -> 2, kept 0.42 of its
-    # held-out questions (0.83 at 0.1, 1.00 at 1.0 and 10, one checkpoint; docs/results.md).
+    # held-out questions (0.83 at 0.1, 1.00 at 1.0, one checkpoint; docs/results.md).
     # Where the mean map is wrong and the data say so (the tiny model's memorised pairs under
     # `update` or a pruned routed level) a small ridge is what keeps them.
     fit_ridge: float = 1.0
