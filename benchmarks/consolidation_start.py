@@ -102,6 +102,7 @@ def run_variant(args, variant: list[str]) -> dict:
             "first divergence": stats.get("seed/first_divergence", float("nan")),
             "seeding steps": stats.get("seed/steps", 0.0),
             "route share": stats["consolidate/route_share"],
+            "seconds": stats["consolidate/seconds"],
             "test before": before, "test after": scores(),
             "routes": [learner.route_census(t.test) for t in stream.tasks]}
 
@@ -114,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.checkpoint).exists():
         save_before_consolidation(args)
     variants = [[v.strip() for v in group.split(",") if v.strip()] for group in args.variant] or [[]]
-    print("| variant | kept | first divergence | seeding steps | route share | test before | "
+    print("| variant | kept | first divergence | seeding steps | route share | seconds | test before | "
           "test after | routes of each task's test questions |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for variant in variants:
         r = run_variant(args, variant)
         fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)
         routes = "; ".join(" ".join(f"{c} {s:.2f}" for c, s in census.items()) for census in r["routes"])
         print(f"| {r['variant']} | {r['kept']:.3f} | {r['first divergence']:.3f} | "
-              f"{r['seeding steps']:.0f} | {r['route share']:.2f} | {fmt(r['test before'])} | "
+              f"{r['seeding steps']:.0f} | {r['route share']:.2f} | {r['seconds']:.0f} | {fmt(r['test before'])} | "
               f"{fmt(r['test after'])} | {routes} |", flush=True)
     return 0
 
