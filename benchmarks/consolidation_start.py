@@ -8,7 +8,8 @@ keeps, with no seeding step (or the config's), side by side.
         --variant "memory.expert_init=copy"
 
 Runs Sleep over the stream up to wake step --step and saves the learner there, just before
-its 1 -> 2 consolidation (or loads --checkpoint when it exists); then, for each --variant (comma
+its consolidation of level --source (1 -> 2 by default; 2 -> 3 with --source 2), or loads
+--checkpoint when it exists; then, for each --variant (comma
 list of SECTION.FIELD=VALUE on top of --set), restores that learner and runs the consolidation:
 kept on the window's held-out slice, the first divergence of student from teacher, the test
 score of every task, and where each task's test questions route (`Learner.route_census`).
@@ -30,7 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="SECTION.FIELD=VALUE", help="overrides of every run")
     ap.add_argument("--step", type=int, required=True,
-                    help="the wake step whose 1 -> 2 consolidation is compared")
+                    help="the wake step whose consolidation is compared")
+    ap.add_argument("--source", type=int, default=1,
+                    help="the consolidation's source level: 1 (1 -> 2, default) or 2 (2 -> 3)")
     ap.add_argument("--checkpoint", required=True,
                     help="learner file: written when missing, read when present")
     ap.add_argument("--variant", action="append", default=[],
@@ -54,7 +57,8 @@ class _Reached(Exception):
 
 
 def save_before_consolidation(args) -> None:
-    """Sleep up to `args.step`; save the learner and its memory before that step's 1 -> 2."""
+    """Sleep up to `args.step`; save the learner and its memory before that step's
+    consolidation of level `args.source`."""
     import torch
 
     from sleep_ray.model.state import export_memory_state
@@ -64,7 +68,7 @@ def save_before_consolidation(args) -> None:
     consolidate = learner.consolidate
 
     def stop_there(source, target, data, seed):
-        if source == 1 and learner.wake_steps == args.step:
+        if source == args.source and learner.wake_steps == args.step:
             torch.save({"learner": learner.state_dict(),
                         "memory": export_memory_state(learner.model, learner.version)}, args.checkpoint)
             raise _Reached
@@ -74,9 +78,11 @@ def save_before_consolidation(args) -> None:
     try:
         LocalSleepRun(cfg, learner, stream).run()
     except _Reached:
-        print(f"saved the learner before step {args.step}'s 1 -> 2 in {args.checkpoint}", flush=True)
+        print(f"saved the learner before step {args.step}'s {args.source} -> {args.source + 1} "
+              f"in {args.checkpoint}", flush=True)
         return
-    raise SystemExit(f"no 1 -> 2 consolidation at wake step {args.step} in this run")
+    raise SystemExit(f"no {args.source} -> {args.source + 1} consolidation at wake step {args.step} "
+                     "in this run")
 
 
 def run_variant(args, variant: list[str]) -> dict:
@@ -97,7 +103,8 @@ def run_variant(args, variant: list[str]) -> dict:
 
     before = scores()
     seed = cfg.run.seed * 1_000 + args.step
-    stats = learner.consolidate(1, 2, learner.teacher_samples(seed, 1), seed + 1)
+    source = args.source
+    stats = learner.consolidate(source, source + 1, learner.teacher_samples(seed, source), seed + 1)
     return {"variant": ", ".join(variant) or "(the config)", "kept": stats["consolidate/kept"],
             "first divergence": stats.get("seed/first_divergence", float("nan")),
             "seeding steps": stats.get("seed/steps", 0.0),

@@ -200,6 +200,12 @@ class MemoryConfig:
     # `update` or a pruned routed level) a small ridge is what keeps them.
     fit_ridge: float = 1.0
     fit_contexts: int = 128
+    # The map "fit" is pulled toward and "copy" starts from: the sum of the experts taken over,
+    # each weighted by its mean gate over the window's tokens ("mean") or over the tokens where
+    # it takes part ("routed"). The two agree for one expert routed everywhere (1 -> 2); where a
+    # level routed top-1 is pruned (2 -> 3), "mean" halves each of two experts on its own
+    # inputs and "routed" keeps it whole there, the other added on top.
+    fit_prior: Literal["mean", "routed"] = "mean"
 
     @property
     def num_levels(self) -> int:

@@ -405,12 +405,14 @@ class Learner:
     def teacher_map(self, pairs, experts: list[tuple[int, int]], fit: bool,
                     changing: list[tuple[int, int]] = (), chunk: int = 32) -> list[tuple]:
         """Per memory layer, over the real tokens of `pairs` as the model runs now: each of
-        `experts`' mean gate (n,), with `fit` the statistics X^T X and X^T Y of the layer's
+        `experts`' mean gate (n,) (over all tokens, or with `memory.fit_prior: routed` over the
+        tokens where it takes part), with `fit` the statistics X^T X and X^T Y of the layer's
         memory inputs X and what those experts added Y (each at its gate), and for each of
         `changing` X^T G X with G its gates (what any change of its map adds to X^T Y)."""
         mems = M.memories(self.model)
         dim = self.model.config.hidden_size
         gate_sum = [torch.zeros(len(experts)) for _ in mems]
+        routed = [torch.zeros(len(experts)) for _ in mems]  # tokens where each takes part
         grams = [torch.zeros(dim, dim, dtype=torch.float64) for _ in mems] if fit else [None] * len(mems)
         crosses = [torch.zeros(dim, dim, dtype=torch.float64) for _ in mems] if fit else [None] * len(mems)
         gated = [[torch.zeros(dim, dim, dtype=torch.float64) for _ in changing] for _ in mems]
@@ -429,6 +431,7 @@ class Learner:
                 for j, (level, e) in enumerate(experts):
                     g = gates[level][i][mask][:, e].float()  # (N,)
                     gate_sum[i][j] += float(g.sum())
+                    routed[i][j] += float((g > 0).sum())
                     if fit:
                         pool = memory.levels[level - 1]
                         y += g[:, None] * pool.scale * ((x @ pool.A[e].float()) @ pool.B[e].float())
@@ -438,8 +441,9 @@ class Learner:
                 for j, (level, e) in enumerate(changing):
                     g = gates[level][i][mask][:, e].float()
                     gated[i][j] += (x.T @ (g[:, None] * x)).double().cpu()
-        return [(s / max(tokens, 1), gm, cr, gt)
-                for s, gm, cr, gt in zip(gate_sum, grams, crosses, gated)]
+        per_token = self.cfg.memory.fit_prior == "mean"
+        return [(s / (max(tokens, 1) if per_token else n.clamp_min(1.0)), gm, cr, gt)
+                for s, n, gm, cr, gt in zip(gate_sum, routed, grams, crosses, gated)]
 
     def hand_over(self, source: int, target: int, slot: int, held: dict[str, list[Example]],
                   earlier: list[int], transition: str, held_upto: int = 0) -> None:

@@ -1,11 +1,13 @@
 """benchmarks/consolidation_start.py on the tiny model: the learner is saved before the chosen
-step's 1 -> 2, and every variant restarts from that same learner (so two runs of the config
+step's 1 -> 2 (or 2 -> 3), and every variant restarts from that same learner (so two runs of the config
 agree exactly, and a variant's override takes effect)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 from sleep_ray.data.facts import facts_stream, write_jsonl
 
@@ -20,7 +22,8 @@ def _bench():
     return module
 
 
-def test_every_variant_starts_from_the_saved_learner(tmp_path, capsys):
+@pytest.mark.parametrize("source", [1, 2])
+def test_every_variant_starts_from_the_saved_learner(tmp_path, capsys, source):
     bench = _bench()
     stream = tmp_path / "facts.jsonl"
     write_jsonl(facts_stream(num_tasks=1, entities_per_task=4, attributes_per_entity=2, seed=0), stream)
@@ -28,11 +31,13 @@ def test_every_variant_starts_from_the_saved_learner(tmp_path, capsys):
     config.write_text("model: {pretrain_steps: 0}\nschedule: {windows: [2, 4, 0]}\n"
                       "dreaming: {enabled: false}\ndata: {stream: jsonl, batch_size: 4}\n")
     checkpoint = tmp_path / "learner.pt"
-    argv = ["--config", str(config), "--path", str(stream), "--step", "4",
+    argv = ["--config", str(config), "--path", str(stream), "--step", "4", "--source", str(source),
             "--checkpoint", str(checkpoint), "--variant", "", "--variant", "",
             "--variant", "memory.expert_init=zero"]
     assert bench.main(argv) == 0 and checkpoint.exists()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    out = capsys.readouterr().out
+    assert f"before step 4's {source} -> {source + 1}" in out  # step 4 holds both consolidations
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 3  # one per variant, after the header
     config_a, config_b, zero = [row.split("|") for row in rows]
     del config_a[6], config_b[6]  # the seconds column

@@ -294,6 +294,35 @@ def test_a_fitted_expert_reproduces_two_routed_experts_it_prunes():
     assert min(a / b for a, b in zip(after, before)) >= 0.9, (before, after)
 
 
+def test_the_prior_of_a_pruned_routed_level_keeps_each_expert_whole_with_routed_weights():
+    # Two level-2 experts routed top-1 (gate 0 or 1 on every token). Over the window's tokens
+    # their mean gates share 1 ("mean": each about half); over the tokens where each takes part
+    # they are 1 ("routed"). `copy` with routed weights starts the level-3 expert as exactly
+    # their sum (rank 16 holds two rank-8 maps).
+    learner = make_learner("memory.expert_init=copy", "seeding.steps=0", "memory.ranks=[8, 8, 16]",
+                           "memory.fit_prior=routed")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    for seed, pairs in enumerate((first, second)):
+        learn(learner, pairs, steps=20)
+        consolidate(learner, 1, 2, seed=seed)
+    taken = [(2, e) for e in M.active_experts(learner.model, 2)]
+    contexts = learner.consolidated_data(2)["contexts"]
+    routed = [stats[0] for stats in learner.fit_statistics(taken, 3, contexts).stats]
+    cfg = learner.cfg
+    learner.cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, fit_prior="mean"))
+    mean = [stats[0] for stats in learner.fit_statistics(taken, 3, contexts).stats]
+    learner.cfg = cfg
+    for r, m in zip(routed, mean):
+        torch.testing.assert_close(r, torch.ones(2))
+        assert float(m.sum()) == pytest.approx(1.0, abs=1e-5) and float(m.min()) > 0
+    teacher = [[pool.factors(e) for _, e in taken] for pool in M.pools(learner.model, 2)]
+    slot = consolidate(learner, 2, 3, seed=4)["consolidate/slot"]
+    for pool, factors in zip(M.pools(learner.model, 3), teacher):
+        a, b = pool.factors(slot)
+        torch.testing.assert_close(a.float() @ b.float(), sum(x.float() @ y.float() for x, y in factors),
+                                   atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("gate", [True, False])
 def test_a_new_window_in_the_fast_level_leaves_a_consolidated_one_alone(gate):
     # The fast level is one expert; unless the level gate keeps it out of inputs a slower
