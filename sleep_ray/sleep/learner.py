@@ -301,8 +301,10 @@ class Learner:
         M.freeze_memory(self.model)
         params = M.set_trainable(self.model, target, slot)
         self.model.train()
+        n_check = self.cfg.seeding.check_contexts
+        check = self.context_pairs(held["contexts"], n_check) if n_check else ()
         stats = seed_expert(self.model, self.tok, teacher, data, params, self.cfg.seeding,
-                            self.generator, seed=seed)
+                            self.generator, seed=seed, check=check)
         self.model.eval()
         self.count_nonfinite(f"consolidate_{source}_to_{target} (seeding)",
                              int(stats.get("seed/nonfinite_steps", 0)))

@@ -13,6 +13,7 @@ semantic judge, group baseline). With `seeding.lti: false` the loss is the diver
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -147,11 +148,12 @@ def divergence_on_all(model: nn.Module, teacher: MemoryState, pairs, pad_id: int
 
 def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
                 data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
-                generator: torch.Generator, seed: int, batch_size: int = 8) -> dict[str, float]:
+                generator: torch.Generator, seed: int, batch_size: int = 8,
+                check: Sequence[tuple[list[int], list[int]]] = ()) -> dict[str, float]:
     """Train `params` (the new expert) for at most cfg.steps on D; returns the last step's stats.
 
-    Every `cfg.check_every` steps (and before the first) the divergence over all of D is
-    measured; seeding stops once it is at most `cfg.tolerance` or after `cfg.patience` checks
+    Every `cfg.check_every` steps (and before the first) the divergence over `check` (pairs the
+    student does not train on; default: all of D) is measured; seeding stops once it is at most `cfg.tolerance` or after `cfg.patience` checks
     without improvement, and the best student measured is restored. A student that starts at its
     teacher (the "copy" init) therefore takes no step, and seeding never ends further from the
     teacher than it started. "seed/steps" counts the steps taken.
@@ -162,7 +164,8 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
     """
     pad = tok.pad_token_id
     pairs = list(data.pairs)
-    best = divergence_on_all(model, teacher, pairs, pad, cfg.beta)
+    check = list(check) or pairs
+    best = divergence_on_all(model, teacher, check, pad, cfg.beta)
     first = best
     best_params = [p.detach().clone() for p in params]
     stats: dict[str, float] = {}
@@ -182,7 +185,7 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
                     rewards.setdefault(name, []).append(stats[name])
             if steps % cfg.check_every and steps < cfg.steps:
                 continue
-            div = divergence_on_all(model, teacher, pairs, pad, cfg.beta)
+            div = divergence_on_all(model, teacher, check, pad, cfg.beta)
             if div < best:
                 best, stale = div, 0
                 best_params = [p.detach().clone() for p in params]

@@ -19,7 +19,8 @@ from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.learner import Learner
-from sleep_ray.sleep.seeding import completion_logits
+from sleep_ray.model.state import export_memory_state
+from sleep_ray.sleep.seeding import completion_logits, divergence_on_all, seed_expert
 from sleep_ray.types import Example
 
 WAKE_STEPS = 150  # the fast level reaches 1.0 on 10 pairs in ~120 steps (measured)
@@ -87,6 +88,28 @@ def test_a_student_at_its_teacher_takes_no_seeding_step(after_one_window):
     learner, _ = after_one_window
     stats = [s for s in [consolidate(learner, 1, 2, seed=5)] if "seed/steps" in s]
     assert not stats or stats[0]["seed/steps"] == 0.0  # the window is empty now: skipped
+
+
+def test_seeding_checks_the_divergence_on_the_pairs_it_is_given_and_keeps_the_best_there():
+    # `check`: pairs the student does not train on (the window's wake texts under
+    # `seeding.check_contexts`). The first and best divergences are measured on them, not on D.
+    learner = make_learner("seeding.steps=4", "seeding.check_every=1", "seeding.patience=4")
+    pairs = word_pairs(learner.tok, 0, 10, "a")
+    learn(learner, pairs, steps=20)
+    model, pad, beta = learner.model, learner.tok.pad_token_id, learner.cfg.seeding.beta
+    teacher = export_memory_state(model, learner.version)
+    data = learner.teacher_samples(0, 1)
+    M.reset_level(model, 1)  # the student has lost what the teacher knows
+    params = M.set_trainable(model, 1)
+    check = learner.context_pairs(pairs, 6)
+    on_check = divergence_on_all(model, teacher, check, pad, beta)
+    assert on_check != pytest.approx(divergence_on_all(model, teacher, list(data.pairs), pad, beta))
+    stats = seed_expert(model, learner.tok, teacher, data, params, learner.cfg.seeding,
+                        learner.generator, seed=1, check=check)
+    assert stats["seed/steps"] >= 1 and stats["seed/first_divergence"] == pytest.approx(on_check)
+    # The best student on `check` is the one kept.
+    assert stats["seed/divergence"] == pytest.approx(divergence_on_all(model, teacher, check, pad, beta))
+    assert stats["seed/divergence"] <= on_check
 
 
 def test_an_older_expert_keeps_its_pairs_when_a_second_window_is_consolidated():
