@@ -244,7 +244,10 @@ class Learner:
         expert's class, and where it wins the source level stays out, so what the transition
         destroys there is all the level added, not only the chunk's change: the new expert takes
         over the level's whole output on them, as with `reset`, and the level's class (its
-        window) restarts at the pending chunk. The level keeps its contents for what comes next.
+        window) restarts at the pending chunk. The level keeps only what its pending chunk
+        changed (`keep_change`): where its class wins the new expert takes part too, as every
+        slower level does, and the two add up to the level after the update instead of counting
+        what was handed over twice.
         """
         t0 = time.perf_counter()
         transition = self.cfg.schedule.transition(source)
@@ -278,7 +281,12 @@ class Learner:
         fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
                                      held["contexts"], changing)
         # 2. Transition of the source level.
+        handed = source == 1 and transition == "update" and takes_all
+        before_update = [[pool.factors(e) for e in M.active_experts(self.model, 1)]
+                         for pool in M.pools(self.model, 1)] if handed else []
         self._transition(source, transition, level_opt)
+        if handed:
+            keep_change(M.pools(self.model, 1), before_update)
         init = self.new_expert_init(fitted, target)
         for pool in M.pools(self.model, source):
             pool.active[earlier] = False
@@ -770,6 +778,16 @@ class Learner:
         with torch.no_grad():
             for p, saved in zip(dreaming.dreamer_parameters(self.model), state["dreamer"], strict=True):
                 p.copy_(saved)
+
+
+@torch.no_grad()
+def keep_change(pools: Sequence[M.ExpertPool],
+                before: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Each pool's active experts become what changed since `before` (per pool, the factors
+    of its active experts in order): A B - A0 B0, truncated to the pool's rank (`M.low_rank_sum`)."""
+    for pool, factors in zip(pools, before):
+        for e, old in zip(pool.active.nonzero().flatten().tolist(), factors):
+            pool.set_delta(e, M.low_rank_sum([pool.factors(e), old], [1.0, -1.0], pool.rank))
 
 
 def context_keys(hidden: torch.Tensor, mask: torch.Tensor, per_context: bool) -> torch.Tensor:

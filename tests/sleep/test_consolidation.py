@@ -18,7 +18,7 @@ from sleep_ray.data.collate import collate_examples
 from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.sleep import dreaming
-from sleep_ray.sleep.learner import Learner
+from sleep_ray.sleep.learner import Learner, keep_change
 from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep.seeding import completion_logits, divergence_on_all, seed_expert
 from sleep_ray.types import Example
@@ -159,8 +159,8 @@ def test_an_update_keeps_the_older_pairs_and_what_its_chunk_learned():
 def test_a_gated_update_hands_the_older_window_over_and_the_level_goes_on_learning():
     # Under the level gate the older contexts become the new expert's class and the fast level
     # stays out of them, so the new expert takes over all the level added there (not only the
-    # chunk's change); the level keeps its contents, and its class restarts at the chunk. It
-    # then learns the chunk's pairs on while the older ones stay answered.
+    # chunk's change); the level keeps what its chunk changed, and its class restarts at the
+    # chunk. It then learns the chunk's pairs on while the older ones stay answered.
     learner = make_learner("schedule.transitions=['update', 'reset', 'reset']",
                            "schedule.chunk_sizes=[4, 0, 0]", "seeding.steps=0",
                            "memory.router=discriminant", "memory.shared_routing=true",
@@ -180,6 +180,22 @@ def test_a_gated_update_hands_the_older_window_over_and_the_level_goes_on_learni
         if i % 4 == 3:
             learner.apply_updates([1])
     assert learner.heldout_score(older) >= 0.9 and learner.heldout_score(chunk) >= 0.8
+
+
+def test_keep_change_leaves_each_active_expert_what_changed_since_before():
+    # Hand-worked: B1 = B0 + dB with A unchanged, so A B1 - A B0 = A dB, of rank <= r: kept
+    # exactly. An inactive slot is left alone.
+    torch.manual_seed(0)
+    learner = make_learner()
+    pool = M.pools(learner.model, 1)[0]
+    a0, b0 = torch.randn(pool.dim, pool.rank), torch.randn(pool.rank, pool.dim)
+    pool.set_delta(0, (a0, b0))
+    before = [[pool.factors(0)]]
+    d_b = torch.randn(pool.rank, pool.dim)
+    pool.set_delta(0, (a0, b0 + d_b))
+    keep_change([pool], before)
+    a, b = pool.factors(0)
+    torch.testing.assert_close(a @ b, a0 @ d_b, atol=1e-4, rtol=1e-4)
 
 
 def test_a_slower_wake_level_keeps_its_pending_sum_across_a_consolidation():
