@@ -93,7 +93,8 @@ def test_a_student_at_its_teacher_takes_no_seeding_step(after_one_window):
 def test_seeding_checks_the_divergence_on_the_pairs_it_is_given_and_keeps_the_best_there():
     # `check`: pairs the student does not train on (the window's wake texts under
     # `seeding.check_contexts`). The first and best divergences are measured on them, not on D.
-    learner = make_learner("seeding.steps=4", "seeding.check_every=1", "seeding.patience=4")
+    learner = make_learner("seeding.steps=2", "seeding.check_every=1", "seeding.patience=2",
+                           "seeding.num_samples=8")
     pairs = word_pairs(learner.tok, 0, 10, "a")
     learn(learner, pairs, steps=20)
     model, pad, beta = learner.model, learner.tok.pad_token_id, learner.cfg.seeding.beta
