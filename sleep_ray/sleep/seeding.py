@@ -153,10 +153,12 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
     """Train `params` (the new expert) for at most cfg.steps on D; returns the last step's stats.
 
     Every `cfg.check_every` steps (and before the first) the divergence over `check` (pairs the
-    student does not train on; default: all of D) is measured; seeding stops once it is at most `cfg.tolerance` or after `cfg.patience` checks
-    without improvement, and the best student measured is restored. A student that starts at its
-    teacher (the "copy" init) therefore takes no step, and seeding never ends further from the
-    teacher than it started. "seed/steps" counts the steps taken.
+    student does not train on; default: all of D) is measured; seeding stops once it is at most
+    `cfg.tolerance` or after `cfg.patience` checks without improvement, and the best student
+    measured is restored. A student that starts at its teacher (the "copy" init) therefore takes
+    no step, and seeding never ends further from the teacher, on `check`, than it started.
+    "seed/steps" counts the steps taken; "seed/first_divergence" and "seed/divergence" are
+    measured on `check`.
 
     A step whose loss or gradient is NaN/inf is skipped (no parameter or Adam-state change) and
     counted in "seed/nonfinite_steps". `seed` feeds the student's sampling (on-policy data, LTI
