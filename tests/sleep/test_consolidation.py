@@ -185,7 +185,7 @@ def test_a_gated_update_hands_the_older_window_over_and_the_level_goes_on_learni
 
 def test_keep_change_leaves_each_active_expert_what_changed_since_before():
     # Hand-worked: B1 = B0 + dB with A unchanged, so A B1 - A B0 = A dB, of rank <= r: kept
-    # exactly. An inactive slot is left alone.
+    # exactly.
     torch.manual_seed(0)
     learner = make_learner()
     pool = M.pools(learner.model, 1)[0]
