@@ -128,6 +128,15 @@ class MemoryConfig:
     # of several experts (the fast level and the target experts routed on its window): a slower
     # level with more rank holds that sum exactly instead of truncating it (project's choice).
     ranks: tuple[int, ...] = ()
+    # Blocks per expert, per level (empty: 1 everywhere; only the slowest level may have more).
+    # An expert of b blocks splits its rank into b equal blocks, each with its own discriminant
+    # router row: the expert's score is its best block's, and only that block adds to the
+    # input, B diag(m(h)) A h (the project's choice where the paper is silent on how one expert
+    # holds several routed ones). Pruning a level routed top-1 into one expert, no linear map
+    # keeps both sources on inputs this alike (SmolLM2-135M, untuned facts stream's 2 -> 3:
+    # 0.72 kept at rank 48, 0.75 at full rank 576; docs/results.md); as blocks each source
+    # keeps its own map and its own class. Sources beyond b share blocks (`block_groups`).
+    blocks: tuple[int, ...] = ()
     # Pre-allocated experts per level. Level 1 holds the fast weights (one expert, always active).
     capacity: tuple[int, ...] = (1, 8, 4)
     top_k: tuple[int, ...] = (1, 1, 1)
@@ -215,6 +224,10 @@ class MemoryConfig:
         """The rank of `level`'s experts (1-based)."""
         return self.ranks[level - 1] if self.ranks else self.rank
 
+    def level_blocks(self, level: int) -> int:
+        """How many routed blocks `level`'s experts have (1-based level; see `blocks`)."""
+        return self.blocks[level - 1] if self.blocks else 1
+
     def validate(self, at: str) -> None:
         if self.rank <= 0:
             _fail(f"{at}.rank", self.rank, "must be positive")
@@ -223,6 +236,20 @@ class MemoryConfig:
                   f"needs one positive rank per level ({len(self.capacity)} levels from capacity)")
         if not self.capacity:
             _fail(f"{at}.capacity", self.capacity, "needs one entry per level")
+        if self.blocks:
+            if len(self.blocks) != len(self.capacity) or min(self.blocks) <= 0:
+                _fail(f"{at}.blocks", self.blocks,
+                      f"needs one positive count per level ({len(self.capacity)} levels from capacity)")
+            if any(b > 1 for b in self.blocks[:-1]) or (len(self.blocks) < 3 and max(self.blocks) > 1):
+                _fail(f"{at}.blocks", self.blocks, "only the slowest level of three or more may "
+                      "have blocks > 1: its sources are a level of experts, and it is never "
+                      "consolidated from (a consolidation's fit reads each source as one map)")
+            for level, b in enumerate(self.blocks, start=1):
+                if self.level_rank(level) % b:
+                    _fail(f"{at}.blocks", self.blocks,
+                          f"level {level}: rank {self.level_rank(level)} is not a multiple of {b}")
+            if max(self.blocks) > 1 and self.router != "discriminant":
+                _fail(f"{at}.blocks", self.blocks, "needs router: discriminant (a row per block)")
         if len(self.top_k) != len(self.capacity):
             _fail(f"{at}.top_k", self.top_k,
                   f"needs one entry per level ({len(self.capacity)} levels from capacity)")
@@ -733,7 +760,7 @@ def save_config(cfg: SleepConfig, path: str | Path) -> None:
 # Fields (dotted prefixes) whose change makes a saved learner state or memory the wrong shape
 # or meaning: the backbone and tokenizer, the memory's layout, which levels hold optimizer
 # state, the dreamer adapter, and the stream a checkpoint's position points into.
-RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.capacity", "memory.router", "memory.backbone_class",
+RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.blocks", "memory.capacity", "memory.router", "memory.backbone_class",
                  "schedule.chunk_sizes", "schedule.wake_levels", "schedule.optimizer",
                  "dreaming.enabled", "dreaming.dreamer", "dreaming.dreamer_rank",
                  "dreaming.dreamer_targets", "data.stream", "data.path", "data.num_tasks",

@@ -129,6 +129,8 @@ def _expert_plan(model: nn.Module, params: dict[str, Tensor]) -> dict[str, dict]
         pool = modules.get(m["pool"]) if m else None
         if not isinstance(pool, ExpertPool):
             return None  # a linear router row, or not an expert factor at all
+        if pool.blocks > 1:
+            return None  # a block mask between x A and B: not the structure assumed here
         slot = int(m["slot"])
         if slot >= pool.capacity:
             return None

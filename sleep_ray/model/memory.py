@@ -8,6 +8,11 @@ never change as experts are activated or pruned (the paper's own implementation 
 
     out(h) = MLP(h) + sum_l sum_{e in TopK_l(h)} g_e(h) * scale * (h A_e) B_e
 
+Blocks (`memory.blocks`, discriminant routers, the slowest level): an expert's rank is split
+into blocks, each with its own router row; the expert scores as its best block and only that
+block adds to the input, g_e(h) * scale * (h A_e) diag(m_e(h)) B_e with m_e one block's 0/1
+rank mask. A consolidation that prunes a level routed top-1 puts each source in its own block.
+
 Routers: "cosine" scores cos(h, key_e) / temperature with a key fixed from the hidden states an
 expert was seeded on (it cannot drift onto old tasks' inputs); "discriminant" scores w_e . h + b_e,
 the linear discriminant that tells apart the data the level's experts hold, refit at every
@@ -138,12 +143,27 @@ def level_mask(best: torch.Tensor) -> torch.Tensor:
     return (levels >= winner).to(best.dtype)
 
 
+def block_groups(sources: int, blocks: int) -> list[list[int]]:
+    """Which of `sources` (in order) each block of an expert takes: contiguous groups of sizes
+    as even as possible, the earlier groups the larger, one source per block while they fit."""
+    n = min(sources, blocks)
+    sizes = [sources // n + (i < sources % n) for i in range(n)] if n else []
+    starts = [sum(sizes[:i]) for i in range(n)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
+def block_mask(choice: torch.Tensor, rank: int) -> torch.Tensor:
+    """(..., E, P) one-hot block choice -> (..., E, rank) 0/1 mask of the chosen block's rows."""
+    return choice.repeat_interleave(rank // choice.shape[-1], dim=-1)
+
+
 class ExpertPool(nn.Module):
     """One CMS level's experts at one layer: `capacity` low-rank experts, a router, a mask."""
 
     def __init__(self, dim: int, cfg: MemoryConfig, level: int, layer: int, seed: int):
         super().__init__()
         self.dim, self.rank, self.level, self.layer, self.seed = dim, cfg.level_rank(level), level, layer, seed
+        self.blocks = cfg.level_blocks(level)
         self.capacity = cfg.capacity[level - 1]
         self.top_k = cfg.top_k[level - 1]
         self.router_kind = cfg.router
@@ -155,13 +175,13 @@ class ExpertPool(nn.Module):
         self.sequence_routing = cfg.routing == "sequence"
         self.A = nn.ParameterList(nn.Parameter(torch.empty(dim, self.rank)) for _ in range(self.capacity))
         self.B = nn.ParameterList(nn.Parameter(torch.empty(self.rank, dim)) for _ in range(self.capacity))
-        # Router entry per expert: fixed prototype keys (cosine; (P, d), rows of zeros unused) or
-        # a trained row (linear; (1, d)).
-        self.prototypes = cfg.router_prototypes if cfg.router == "cosine" else 1
+        # Router entry per expert: fixed prototype keys (cosine; (P, d), rows of zeros unused), a
+        # trained row (linear; (1, d)) or discriminant rows, one per block ((blocks, d)).
+        self.prototypes = cfg.router_prototypes if cfg.router == "cosine" else self.blocks
         self.router = nn.ParameterList(nn.Parameter(torch.empty(self.prototypes, dim))
                                        for _ in range(self.capacity))
-        # Per-expert score offset of the discriminant router (zero for the others).
-        self.register_buffer("router_bias", torch.zeros(self.capacity))
+        # Score offset of each discriminant row (zero for the other routers): (E,), or (E, blocks).
+        self.register_buffer("router_bias", torch.zeros(self.capacity, self.blocks).squeeze(-1))
         self.register_buffer("active", torch.zeros(self.capacity, dtype=torch.bool))
         self.register_buffer("usage", torch.zeros(self.capacity))  # routed gate mass, for merging
         self.register_buffer("inject", torch.zeros((), dtype=torch.bool))  # random-expert switch
@@ -175,6 +195,8 @@ class ExpertPool(nn.Module):
         # part, (B, T, 1); set by `LayerMemory.forward` and used once by `routed_gates`.
         self.decision: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Blocks: the one-hot block choice (B, T, E, blocks) of the last routed scores.
+        self.block_choice: torch.Tensor | None = None
         for e in range(self.capacity):
             self.reset_expert(e)
         for p in self.parameters():
@@ -221,11 +243,11 @@ class ExpertPool(nn.Module):
         self.router[e][:len(keys)].copy_(keys.to(self.router[e]))
 
     @torch.no_grad()
-    def set_router(self, e: int, row: torch.Tensor, bias: float) -> None:
-        """Expert e's discriminant router entry: score w . x + bias (see `discriminant_router`)."""
-        self.router[e].zero_()
-        self.router[e][0].copy_(row.to(self.router[e]))
-        self.router_bias[e] = bias
+    def set_router(self, e: int, row: torch.Tensor, bias: float, block: int = 0) -> None:
+        """Expert e's discriminant router entry (of one of its blocks): score w . x + bias (see
+        `discriminant_router`)."""
+        self.router[e][block].copy_(row.to(self.router[e]))
+        self.router_bias.view(self.capacity, -1)[e, block] = bias
 
     @torch.no_grad()
     def set_delta(self, e: int, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -240,7 +262,11 @@ class ExpertPool(nn.Module):
     @torch.no_grad()
     def merge(self, keep: int, drop: int) -> None:
         """Merge expert `drop` into `keep` and free `drop`'s slot (rank-r truncation of the sum,
-        see `low_rank_sum`); the router entry is the usage-weighted mean of the two."""
+        see `low_rank_sum`); the router entry is the usage-weighted mean of the two. Experts of
+        several blocks merge block by block (a block only one of them uses is taken whole)."""
+        if self.blocks > 1:
+            self.merge_blocks(keep, drop)
+            return
         merged = low_rank_sum([self.factors(keep), self.factors(drop)], [1.0, 1.0], self.rank)
         self.set_delta(keep, merged)
         total = self.usage[keep] + self.usage[drop]
@@ -250,6 +276,29 @@ class ExpertPool(nn.Module):
             w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
             self.router[keep].copy_(w * self.router[keep] + (1 - w) * self.router[drop])
             self.router_bias[keep] = w * self.router_bias[keep] + (1 - w) * self.router_bias[drop]
+        self.usage[keep] = total
+        self.reset_expert(drop)
+
+    @torch.no_grad()
+    def merge_blocks(self, keep: int, drop: int) -> None:
+        total = self.usage[keep] + self.usage[drop]
+        w = self.usage[keep] / total if total > 0 else torch.tensor(0.5)
+        width = self.rank // self.blocks
+        bias = self.router_bias.view(self.capacity, -1)
+        (a, b), (a2, b2) = self.factors(keep), self.factors(drop)
+        for k in range(self.blocks):
+            rows = slice(k * width, (k + 1) * width)
+            mine, theirs = (bool(self.router[e][k].abs().sum() > 0) for e in (keep, drop))
+            if mine and theirs:
+                a[:, rows], b[rows] = low_rank_sum([(a[:, rows], b[rows]), (a2[:, rows], b2[rows])],
+                                                   [1.0, 1.0], width)
+                self.router[keep][k].copy_(w * self.router[keep][k] + (1 - w) * self.router[drop][k])
+                bias[keep, k] = w * bias[keep, k] + (1 - w) * bias[drop, k]
+            elif theirs:
+                a[:, rows], b[rows] = a2[:, rows], b2[rows]
+                self.router[keep][k].copy_(self.router[drop][k])
+                bias[keep, k] = bias[drop, k]
+        self.set_delta(keep, (a, b))
         self.usage[keep] = total
         self.reset_expert(drop)
 
@@ -290,11 +339,25 @@ class ExpertPool(nn.Module):
         keys = torch.stack(list(self.router))  # (E, P, d)
         if self.router_kind == "cosine":
             scores = self.prototype_scores(r, keys)
+        elif self.blocks > 1:
+            scores = self.block_scores(r, keys)
         else:
             scores = r @ keys[:, 0].T  # (B, T, E)
             if self.router_kind == "discriminant":
                 scores = scores + self.router_bias.to(scores.dtype)
         return scores.masked_fill(~self.active, torch.finfo(scores.dtype).min)
+
+    def block_scores(self, r: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Discriminant scores of experts of several blocks: (B, T, d), (E, P, d) -> (B, T, E),
+        each expert its best used block's (0 where none is used); the one-hot choice of that
+        block is left in `block_choice` (B, T, E, P)."""
+        bias = self.router_bias.to(r.dtype)  # (E, P)
+        s = torch.einsum("btd,epd->btep", r, keys.to(r.dtype)) + bias
+        used = keys.abs().sum(-1) > 0  # (E, P)
+        best = s.masked_fill(~used, torch.finfo(s.dtype).min).max(-1)
+        blocks = torch.arange(self.blocks, device=r.device)
+        self.block_choice = (best.indices[..., None] == blocks).to(r.dtype)
+        return torch.where(used.any(-1), best.values, torch.zeros_like(best.values))
 
     def fitted(self) -> torch.Tensor:
         """(E,) bool: active experts whose router entry was fitted (a nonzero row)."""
@@ -361,7 +424,11 @@ class ExpertPool(nn.Module):
             g = g if on is None else g * on
             if self.shared is not None:
                 self.shared[self.level] = g
+                if self.blocks > 1:  # the block choice of the same scores, under key -level
+                    self.shared[-self.level] = self.block_choice
             return g
+        if self.blocks > 1:
+            self.block_choice = self.shared.get(-self.level)
         g = self.shared.get(self.level)
         if g is None or g.shape[:2] != x.shape[:2]:
             raise RuntimeError(f"shared routing: layer {self.layer} level {self.level} ran before "
@@ -375,6 +442,8 @@ class ExpertPool(nn.Module):
         A = torch.stack(list(self.A))  # (E, d, r)
         B = torch.stack(list(self.B))  # (E, r, d)
         h = torch.einsum("btd,edr->bter", x, A) * g[..., None]  # (B, T, E, r)
+        if self.blocks > 1:  # only the chosen block of each expert
+            h = h * block_mask(self.block_choice, self.rank)
         return torch.einsum("bter,erd->btd", h, B) * self.scale
 
 

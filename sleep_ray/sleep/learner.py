@@ -170,8 +170,8 @@ class Learner:
             return {"contexts": self.window.until(upto), "heldout": self.window_heldout.until(upto)}
         out: dict[str, list[Example]] = {"contexts": [], "heldout": []}
         for slot in M.active_experts(self.model, source):
-            for kind, examples in self.expert_data.get((source, slot), {}).items():
-                out[kind] += examples
+            for kind in out:
+                out[kind] += self.expert_data.get((source, slot), {}).get(kind, [])
         return out
 
     def seeding_prompts(self, source: int = 1, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -278,8 +278,14 @@ class Learner:
         keys = self.route_keys(pairs, target) if cosine and self.cfg.memory.keys_from == "teacher" else None
         changing = ([(source, e) for e in M.active_experts(self.model, source)]
                     if not takes_all and level_opt is not None and level_opt.pending else [])
-        fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
-                                     held["contexts"], changing)
+        blocks = M.pools(self.model, target)[0].blocks > 1
+        if blocks:  # each source (group of sources) keeps its map and its class in a block
+            held = held | self.block_contexts(taken)
+            fitted = None
+        else:
+            fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
+                                         held["contexts"], changing)
+        init = self.block_init(taken, target) if blocks else None
         # 2. Transition of the source level.
         handed = source == 1 and transition == "update" and takes_all
         before_update = [[pool.factors(e) for e in M.active_experts(self.model, 1)]
@@ -287,7 +293,7 @@ class Learner:
         self._transition(source, transition, level_opt)
         if handed:
             keep_change(M.pools(self.model, 1), before_update)
-        init = self.new_expert_init(fitted, target)
+        init = init or self.new_expert_init(fitted, target)
         for pool in M.pools(self.model, source):
             pool.active[earlier] = False
         # 3. Expansion: one new expert (and router entry) at the target level.
@@ -304,7 +310,7 @@ class Learner:
         emptied = {(1, e): [] if transition == "reset" else self.window.since(held_upto)
                    for e in M.active_experts(self.model, 1)} if source == 1 and takes_all else {}
         if discriminant:
-            self.refit_routers({(target, slot): held["contexts"]} | emptied)
+            self.refit_routers({(target, slot): held} | emptied)
         # 4. Knowledge seeding: only the new expert trains.
         M.freeze_memory(self.model)
         params = M.set_trainable(self.model, target, slot)
@@ -320,7 +326,7 @@ class Learner:
         if student_keys:  # seeding changed what the new expert adds, so what the layers see
             self.student_keys(pairs, target, slot)
         if discriminant and stats.get("seed/steps", 0) > 0:
-            self.refit_routers({(target, slot): held["contexts"]} | emptied)
+            self.refit_routers({(target, slot): held} | emptied)
         # 5. Pruning of the source level's earlier experts.
         for pool in M.pools(self.model, source):
             for e in earlier:
@@ -455,17 +461,44 @@ class Learner:
         return [(s / (max(tokens, 1) if per_token else n.clamp_min(1.0)), gm, cr, gt)
                 for s, n, gm, cr, gt in zip(gate_sum, routed, grams, crosses, gated)]
 
+    def block_init(self, taken: list[tuple[int, int]], target: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the starting factors of a new expert of several blocks (`memory.blocks`):
+        block b is the rank-(r / blocks) sum of its group of the `taken` experts
+        (`M.block_groups`), an exact copy where one source has a block of its own rank."""
+        groups = M.block_groups(len(taken), M.pools(self.model, target)[0].blocks)
+        init = []
+        for memory in M.memories(self.model):
+            pool = memory.levels[target - 1]
+            width = pool.rank // pool.blocks
+            a, b = torch.zeros(pool.dim, pool.rank), torch.zeros(pool.rank, pool.dim)
+            for k, group in enumerate(groups):
+                parts = [memory.levels[taken[i][0] - 1].factors(taken[i][1]) for i in group]
+                part_a, part_b = M.low_rank_sum(parts, [1.0] * len(parts), width)
+                a[:, k * width:(k + 1) * width], b[k * width:(k + 1) * width] = part_a.cpu(), part_b.cpu()
+            init.append((a, b))
+        return init
+
+    def block_contexts(self, taken: list[tuple[int, int]]) -> dict[str, list[Example]]:
+        """{"block{b}": contexts} of a new expert of several blocks: the contexts each block's
+        group of `taken` experts held (the classes of its router rows)."""
+        groups = M.block_groups(len(taken), M.pools(self.model, taken[0][0] + 1)[0].blocks)
+        return {f"block{k}": [example for i in group
+                              for example in self.expert_data.get(taken[i], {}).get("contexts", [])]
+                for k, group in enumerate(groups)}
+
     def hand_over(self, source: int, target: int, slot: int, held: dict[str, list[Example]],
                   earlier: list[int], transition: str, held_upto: int = 0) -> None:
         """Book-keeping after a consolidation: the new expert keeps (bounded) samples of the
         data it took over; pruned experts and a reset window forget theirs, and a gated update's
         window keeps only its pending chunk (after wake step `held_upto`)."""
-        size = {"contexts": self.cfg.seeding.reservoir_size, "heldout": self.cfg.seeding.heldout_size}
+        size = {"heldout": self.cfg.seeding.heldout_size}  # contexts, and a block's: the reservoir
         g = torch.Generator().manual_seed(self.cfg.run.seed * 31 + self.version)
         kept = {}
         for kind, examples in held.items():
-            if len(examples) > size[kind]:
-                idx = torch.randperm(len(examples), generator=g)[:size[kind]].sort().values.tolist()
+            cap = size.get(kind, self.cfg.seeding.reservoir_size)
+            if len(examples) > cap:
+                idx = torch.randperm(len(examples), generator=g)[:cap].sort().values.tolist()
                 examples = [examples[i] for i in idx]
             kept[kind] = list(examples)
         self.expert_data[(target, slot)] = kept
@@ -571,7 +604,8 @@ class Learner:
                 handle.remove()
 
     @torch.no_grad()
-    def refit_routers(self, data: dict[tuple[int, int], Sequence[Example]] | None = None) -> None:
+    def refit_routers(self, data: dict[tuple[int, int], Sequence[Example] | dict[str, list[Example]]]
+                      | None = None) -> None:
         """Discriminant routers (`memory.router: discriminant`): at every memory layer, each
         level with two or more active experts gets the linear discriminant that tells apart the
         contexts its experts hold (`expert_data`, or `data` for an expert not handed over yet;
@@ -587,12 +621,12 @@ class Learner:
             return
         n = self.cfg.memory.router_contexts
         pairs: list[tuple[list[int], list[int]]] = []
-        fits: list[list[tuple[int, int, slice]]] = []  # per discriminant: (level, slot, rows)
+        fits: list[list[tuple[int, int, int, slice]]] = []  # per discriminant: (level, slot, block, rows)
         for group in groups:
             fits.append([])
-            for level, e, contexts in group:
+            for level, e, block, contexts in group:
                 rows = self.context_pairs(contexts, n)
-                fits[-1].append((level, e, slice(len(pairs), len(pairs) + len(rows))))
+                fits[-1].append((level, e, block, slice(len(pairs), len(pairs) + len(rows))))
                 pairs += rows
         mask = pairs_to_batch(pairs, self.tok.pad_token_id)[0].attention_mask.bool()
 
@@ -607,16 +641,16 @@ class Learner:
                 sums = torch.zeros(len(members), dim, dtype=torch.float64)
                 counts = torch.zeros(len(members), dtype=torch.float64)
                 second = torch.zeros(dim, dim, dtype=torch.float64)
-                for i, (_, _, rows) in enumerate(members):
+                for i, (_, _, _, rows) in enumerate(members):
                     z = r[rows][m[rows]].double().cpu()  # (N_e, d)
                     sums[i], counts[i] = z.sum(0), len(z)
                     second += z.T @ z
                 weights, bias = M.discriminant_router(sums, counts, second, self.cfg.memory.router_ridge)
-                for i, (level, e, _) in enumerate(members):
+                for i, (level, e, block, _) in enumerate(members):
                     if level == 0:
                         memory.set_backbone(weights[i], float(bias[i]))
                     else:
-                        memory.levels[level - 1].set_router(e, weights[i], float(bias[i]))
+                        memory.levels[level - 1].set_router(e, weights[i], float(bias[i]), block)
             if memory is last:  # nothing after the last memory layer is needed (no logits)
                 raise _Fitted
 
@@ -631,33 +665,31 @@ class Learner:
             for handle in handles:
                 handle.remove()
 
-    def router_classes(self, data: dict[tuple[int, int], Sequence[Example]]
-                       ) -> list[list[tuple[int, int, Sequence[Example]]]]:
-        """The classes of each discriminant `refit_routers` fits, as (level, slot, contexts):
+    def router_classes(self, data: dict[tuple[int, int], Sequence[Example] | dict[str, list[Example]]]
+                       ) -> list[list[tuple[int, int, int, Sequence[Example]]]]:
+        """The classes of each discriminant `refit_routers` fits, as (level, slot, block,
+        contexts), one per block of an expert that has several (`expert_classes`):
         per level with two or more experts holding contexts, or, with `memory.level_gate`, one
         over every expert that holds some, the fast level's holding its window (`data` first:
         an expert not handed over yet, or a fast level just emptied)."""
         gate = self.cfg.memory.level_gate
-        groups: list[list[tuple[int, int, Sequence[Example]]]] = []
+        groups: list[list[tuple[int, int, int, Sequence[Example]]]] = []
         for level in range(1, M.num_levels(self.model) + 1):
-            slots = M.active_experts(self.model, level)
-            if len(slots) < 2 and not gate:
-                continue
             members = []
-            for e in slots:
+            for e in M.active_experts(self.model, level):
                 if (level, e) in data:
-                    contexts = data[(level, e)]
+                    held = data[(level, e)]
                 elif level == 1:
-                    contexts = self.window.until(self.wake_steps) if gate else []
+                    held = self.window.until(self.wake_steps) if gate else []
                 else:
-                    contexts = self.expert_data.get((level, e), {}).get("contexts", [])
-                if contexts:
-                    members.append((level, e, contexts))
+                    held = self.expert_data.get((level, e), {})
+                members += [(level, e, block, contexts) for block, contexts in expert_classes(held)
+                            if contexts]
             groups.append(members)
         if gate:
             groups = [[member for group in groups for member in group]]
             if self.cfg.memory.backbone_class:  # "level 0": the backbone's own samples
-                groups[0].append((0, 0, self.backbone_samples()))
+                groups[0].append((0, 0, 0, self.backbone_samples()))
         return [group for group in groups if len(group) >= 2]
 
     def backbone_samples(self) -> list[Example]:
@@ -770,7 +802,7 @@ class Learner:
         backbone = state.get("backbone_contexts")
         self.backbone_contexts = None if backbone is None else [example_from_dict(e) for e in backbone]
         self.expert_data = {(d["level"], d["slot"]): {k: [example_from_dict(e) for e in d[k]]
-                                                      for k in ("contexts", "heldout")}
+                                                      for k in d if k not in ("level", "slot")}
                             for d in state["expert_data"]}
         self._bind_wake_levels()
         for level, opt_state in state["levels"].items():
@@ -788,6 +820,17 @@ def keep_change(pools: Sequence[M.ExpertPool],
     for pool, factors in zip(pools, before):
         for e, old in zip(pool.active.nonzero().flatten().tolist(), factors):
             pool.set_delta(e, M.low_rank_sum([pool.factors(e), old], [1.0, -1.0], pool.rank))
+
+
+def expert_classes(held: Sequence[Example] | dict[str, list[Example]]
+                   ) -> list[tuple[int, Sequence[Example]]]:
+    """The (block, contexts) classes of what an expert holds: a list of contexts (one class),
+    or its `expert_data` entry: one class per "block{b}" entry where it has blocks, else its
+    "contexts"."""
+    if not isinstance(held, dict):
+        return [(0, held)]
+    blocks = sorted(int(k[len("block"):]) for k in held if k.startswith("block"))
+    return [(b, held[f"block{b}"]) for b in blocks] if blocks else [(0, held.get("contexts", []))]
 
 
 def context_keys(hidden: torch.Tensor, mask: torch.Tensor, per_context: bool) -> torch.Tensor:

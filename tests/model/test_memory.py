@@ -436,3 +436,65 @@ def test_the_level_gate_takes_the_flat_token_batch_of_the_vllm_engine():
     x[1] -= u
     with torch.no_grad():
         assert torch.allclose(memory(x.reshape(1, 10, -1)), memory(x).reshape(1, 10, -1), atol=1e-6)
+
+
+def test_block_groups_by_hand():
+    assert M.block_groups(2, 2) == [[0], [1]]
+    assert M.block_groups(5, 2) == [[0, 1, 2], [3, 4]]
+    assert M.block_groups(1, 3) == [[0]]
+    assert M.block_groups(0, 2) == []
+
+
+def _block_pool():
+    from sleep_ray.config import MemoryConfig
+    from sleep_ray.model.memory import ExpertPool
+
+    cfg = MemoryConfig(rank=4, ranks=(4, 4, 4), blocks=(1, 1, 2), capacity=(1, 2, 2),
+                       top_k=(1, 1, 1), router="discriminant")
+    cfg.validate("memory")
+    pool = ExpertPool(8, cfg, 3, 0, 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for e in (0, 1):
+            pool.activate(e)
+            pool.A[e].copy_(torch.randn(8, 4, generator=g))
+            pool.B[e].copy_(torch.randn(4, 8, generator=g))
+    return pool
+
+
+def test_an_expert_of_blocks_adds_only_its_best_blocks_map():
+    pool = _block_pool()
+    pool.set_router(0, torch.eye(8)[0], 0.0, block=0)  # block 0 answers to x_0, block 1 to x_1
+    pool.set_router(0, torch.eye(8)[1], 0.0, block=1)
+    # expert 1 has no fitted row: it scores 0, below expert 0 on these inputs (top-1)
+    x = torch.stack([torch.eye(8)[0] * 3, torch.eye(8)[1] * 3])[None]  # (1, 2, 8)
+    with torch.no_grad():
+        out = pool(x)
+    a, b = pool.A[0], pool.B[0]
+    expected = torch.stack([(x[0, 0] @ a[:, :2]) @ b[:2], (x[0, 1] @ a[:, 2:]) @ b[2:]])
+    torch.testing.assert_close(out[0], expected * pool.scale)
+    assert pool.scores(x)[0, :, 0].tolist() == pytest.approx([3.0, 3.0])  # its best block's score
+
+
+def test_merging_experts_of_blocks_merges_block_by_block():
+    pool = _block_pool()
+    pool.set_router(0, torch.eye(8)[0], 0.0, block=0)  # expert 0 uses block 0 only,
+    pool.set_router(1, torch.eye(8)[1], 1.0, block=1)  # expert 1 block 1 only
+    a0, b0 = pool.factors(0)
+    a1, b1 = pool.factors(1)
+    pool.merge(0, 1)
+    a, b = pool.factors(0)
+    torch.testing.assert_close(a[:, :2] @ b[:2], a0[:, :2] @ b0[:2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[:, 2:] @ b[2:], a1[:, 2:] @ b1[2:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pool.router[0][1], torch.eye(8)[1])
+    assert pool.router_bias.tolist()[0] == [0.0, 1.0] and pool.active.tolist() == [True, False]
+
+
+def test_blocks_are_refused_where_they_cannot_work():
+    from sleep_ray.config import ConfigError
+
+    for overrides in (["memory.blocks=[1, 2, 1]", "memory.router=discriminant"],
+                      ["memory.blocks=[1, 1, 3]", "memory.router=discriminant"],  # rank 8
+                      ["memory.blocks=[1, 1, 2]"]):  # cosine router
+        with pytest.raises(ConfigError, match="memory.blocks"):
+            load_config(None, ["model.pretrain_steps=0", *overrides])

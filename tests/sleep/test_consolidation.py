@@ -410,3 +410,30 @@ def test_the_backbone_class_leaves_what_the_memory_never_learned_to_the_backbone
                              "memory.backbone_class=true")
         other.load_state_dict(learner.state_dict())
         assert other.backbone_contexts == learner.backbone_contexts
+
+
+def test_an_expert_of_blocks_keeps_each_routed_expert_it_prunes():
+    # Two level-2 experts routed top-1 by a discriminant; 2 -> 3 puts each in a block of the
+    # new level-3 expert with its own class, so the model answers as before on each window's
+    # pairs: the same logits, where one map of the two (`fit`, `copy`) cannot.
+    learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
+                           "memory.blocks=[1, 1, 2]", "memory.ranks=[8, 8, 16]", "seeding.steps=0")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    for seed, pairs in enumerate((first, second)):
+        learn(learner, pairs, steps=20)
+        consolidate(learner, 1, 2, seed=seed)
+    rows = [learner.context_pairs(pairs, len(pairs)) for pairs in (first, second)]
+    with torch.no_grad():
+        before = [completion_logits(learner.model, r, learner.tok.pad_token_id)[0] for r in rows]
+        with M.memory_off(learner.model):
+            bare = completion_logits(learner.model, rows[0], learner.tok.pad_token_id)[0]
+    stats = consolidate(learner, 2, 3, seed=4)
+    assert stats["consolidate/pruned"] == 2 and M.active_experts(learner.model, 3) == [stats["consolidate/slot"]]
+    assert stats["consolidate/kept"] == pytest.approx(1.0)
+    with torch.no_grad():
+        after = [completion_logits(learner.model, r, learner.tok.pad_token_id)[0] for r in rows]
+    assert (before[0] - bare).abs().max() > 0.1  # the experts changed the answers
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    data = learner.expert_data[(3, stats["consolidate/slot"])]
+    assert {e.task for e in data["block0"]} == {"a"} and {e.task for e in data["block1"]} == {"b"}
