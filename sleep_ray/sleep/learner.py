@@ -248,6 +248,10 @@ class Learner:
         changed (`keep_change`): where its class wins the new expert takes part too, as every
         slower level does, and the two add up to the level after the update instead of counting
         what was handed over twice.
+        A target level of experts with blocks (`memory.blocks`, pruning a level into the slowest):
+        the new expert starts as the pruned experts, one (or one group) per block
+        (`block_init`), and each block's router row is fitted on the contexts its sources held
+        (`block_contexts`): each keeps its map and its inputs, where one map of them cannot.
         """
         t0 = time.perf_counter()
         transition = self.cfg.schedule.transition(source)
@@ -527,7 +531,8 @@ class Learner:
     @torch.no_grad()
     def route_census(self, examples: Sequence[Example]) -> dict[str, float]:
         """With the level gate: the share of `examples` whose answer (the prompt's last token)
-        each class of the routing layer wins: "L{level}.{slot}" for an expert, "backbone" for the
+        each class of the routing layer wins: "L{level}.{slot}" for an expert ("L{level}.{slot}b{block}"
+        for one of blocks), "backbone" for the
         backbone's class, "none" where no class is fitted yet. Where a task's questions go after
         a sleep tells a routing failure from a consolidation that lost what it held. {} without
         the gate (each level then routes on its own; no one winner)."""
@@ -545,7 +550,11 @@ class Learner:
         for level, (pool, s) in enumerate(zip(first.levels, scores), start=1):
             s = s[rows, at].masked_fill(~pool.fitted(), float("-inf"))  # (B, E)
             best.append(s.max(-1).values)
-            names.append([f"L{level}.{e}" for e in s.argmax(-1).tolist()])
+            winners = s.argmax(-1)  # (B,)
+            names.append([f"L{level}.{e}" for e in winners.tolist()])
+            if pool.blocks > 1:  # and which block of it: "L3.0b1"
+                chosen = pool.block_choice[rows, at, winners].argmax(-1).tolist()  # (B,)
+                names[-1] = [f"{name}b{b}" for name, b in zip(names[-1], chosen)]
         if first.backbone_row is not None and bool(first.backbone_row.abs().sum() > 0):
             r = first.levels[0].route_input(captured[first.layer][0])[rows, at]
             best.append(r @ first.backbone_row.to(r.dtype) + first.backbone_bias.to(r.dtype))

@@ -417,7 +417,8 @@ def test_an_expert_of_blocks_keeps_each_routed_expert_it_prunes():
     # new level-3 expert with its own class, so the model answers as before on each window's
     # pairs: the same logits, where one map of the two (`fit`, `copy`) cannot.
     learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
-                           "memory.blocks=[1, 1, 2]", "memory.ranks=[8, 8, 16]", "seeding.steps=0")
+                           "memory.level_gate=true", "memory.blocks=[1, 1, 2]",
+                           "memory.ranks=[8, 8, 16]", "seeding.steps=0")
     first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
     for seed, pairs in enumerate((first, second)):
         learn(learner, pairs, steps=20)
@@ -437,3 +438,7 @@ def test_an_expert_of_blocks_keeps_each_routed_expert_it_prunes():
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
     data = learner.expert_data[(3, stats["consolidate/slot"])]
     assert {e.task for e in data["block0"]} == {"a"} and {e.task for e in data["block1"]} == {"b"}
+    slot = stats["consolidate/slot"]
+    census = [learner.route_census(pairs) for pairs in (first, second)]
+    # each window's pairs go to its own block (9 or 10 of the 10, as level 2 routed them)
+    assert census[0].get(f"L3.{slot}b0", 0) > 0.85 and census[1].get(f"L3.{slot}b1", 0) > 0.85, census
