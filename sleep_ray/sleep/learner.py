@@ -289,7 +289,7 @@ class Learner:
         else:
             fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
                                          held["contexts"], changing)
-        init = self.block_init(taken, target) if blocks else None
+        init = self.block_init(taken, target, held) if blocks else None
         # 2. Transition of the source level.
         handed = source == 1 and transition == "update" and takes_all
         before_update = [[pool.factors(e) for e in M.active_experts(self.model, 1)]
@@ -444,7 +444,10 @@ class Learner:
                                                 self.tok.pad_token_id)
             mask = batch.attention_mask.bool()
             tokens += int(mask.sum())
-            gates = {level: self.layer_gates(captured, level) for level in levels}
+            gates, choices = {}, {}
+            for level in levels:
+                gates[level] = self.layer_gates(captured, level)
+                choices[level] = self.layer_block_choices(level)
             for i, memory in enumerate(mems):
                 x = captured[memory.layer][0][mask].float()  # (N, d)
                 y = torch.zeros_like(x) if fit else None
@@ -454,7 +457,10 @@ class Learner:
                     routed[i][j] += float((g > 0).sum())
                     if fit:
                         pool = memory.levels[level - 1]
-                        y += g[:, None] * pool.scale * ((x @ pool.A[e].float()) @ pool.B[e].float())
+                        h = x @ pool.A[e].float()  # (N, r)
+                        if choices[level] is not None:  # only the block each token chose
+                            h = h * M.block_mask(choices[level][i][mask][:, e], pool.rank).float()
+                        y += g[:, None] * pool.scale * (h @ pool.B[e].float())
                 if fit:  # accumulated on the CPU in float64, whatever device the model is on
                     grams[i] += (x.T @ x).double().cpu()
                     crosses[i] += (x.T @ y).double().cpu()
@@ -465,21 +471,41 @@ class Learner:
         return [(s / (max(tokens, 1) if per_token else n.clamp_min(1.0)), gm, cr, gt)
                 for s, n, gm, cr, gt in zip(gate_sum, routed, grams, crosses, gated)]
 
-    def block_init(self, taken: list[tuple[int, int]], target: int
+    def block_init(self, taken: list[tuple[int, int]], target: int, contexts: dict[str, list[Example]]
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the starting factors of a new expert of several blocks (`memory.blocks`):
-        block b is the rank-(r / blocks) sum of its group of the `taken` experts
-        (`M.block_groups`), an exact copy where one source has a block of its own rank."""
+        """Per layer, the starting factors of a new expert of several blocks (`memory.blocks`),
+        measured on the teacher: block b takes its group of the `taken` experts
+        (`M.block_groups`) and its inputs, `contexts["block{b}"]`.
+
+        With no active expert at the target level, block b is the rank-(r / blocks) sum of its
+        group: an exact copy where one source has a block of its own rank. Otherwise the
+        target's experts took part on those inputs too (a level's only expert takes every
+        input of its level, and the sources learned on top of it), and the new expert takes
+        the inputs from them: block b is then the map that reproduces, on its inputs' hidden
+        states, what its group and the target's experts added there at their routed gates,
+        pulled toward the group's sum (`M.fit_low_rank`, `memory.fit_ridge`).
+        """
+        cfg = self.cfg.memory
         groups = M.block_groups(len(taken), M.pools(self.model, target)[0].blocks)
+        older = [(target, e) for e in M.active_experts(self.model, target)]
+        stats = [self.teacher_map(self.context_pairs(contexts[f"block{k}"], cfg.fit_contexts),
+                                  taken + older, fit=True) if older else None
+                 for k in range(len(groups))]
         init = []
-        for memory in M.memories(self.model):
+        for i, memory in enumerate(M.memories(self.model)):
             pool = memory.levels[target - 1]
             width = pool.rank // pool.blocks
             a, b = torch.zeros(pool.dim, pool.rank), torch.zeros(pool.rank, pool.dim)
             for k, group in enumerate(groups):
-                parts = [memory.levels[taken[i][0] - 1].factors(taken[i][1]) for i in group]
-                part_a, part_b = M.low_rank_sum(parts, [1.0] * len(parts), width)
-                a[:, k * width:(k + 1) * width], b[k * width:(k + 1) * width] = part_a.cpu(), part_b.cpu()
+                parts = [memory.levels[taken[j][0] - 1].factors(taken[j][1]) for j in group]
+                part = M.low_rank_sum(parts, [1.0] * len(parts), width)
+                if stats[k] is not None:
+                    _, gram, cross, _ = stats[k][i]
+                    prior = sum((pa.float().cpu() @ pb.float().cpu() for pa, pb in parts),
+                                torch.zeros(pool.dim, pool.dim))
+                    part = M.fit_low_rank(gram, cross / pool.scale, prior, width, cfg.fit_ridge)
+                a[:, k * width:(k + 1) * width] = part[0].float().cpu()
+                b[k * width:(k + 1) * width] = part[1].float().cpu()
             init.append((a, b))
         return init
 
@@ -575,6 +601,17 @@ class Learner:
             first = mems[0]
             return [first.gates(captured[first.layer][0], level)] * len(mems)
         return [m.gates(captured[m.layer][0], level) for m in mems]
+
+    def layer_block_choices(self, level: int) -> list[torch.Tensor] | None:
+        """After `layer_gates` of `level`: each memory layer's (B, T, E, blocks) block choice
+        that routing left (the first layer's at every layer under shared routing), or None
+        where the level's experts have one block."""
+        mems = M.memories(self.model)
+        if mems[0].levels[level - 1].blocks == 1:
+            return None
+        if self.cfg.memory.shared_routing:
+            return [mems[0].levels[level - 1].block_choice] * len(mems)
+        return [m.levels[level - 1].block_choice for m in mems]
 
     @torch.no_grad()
     def route_keys(self, pairs, target: int) -> list[torch.Tensor]:
