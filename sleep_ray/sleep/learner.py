@@ -289,7 +289,7 @@ class Learner:
         else:
             fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
                                          held["contexts"], changing)
-        init = self.block_init(taken, target, held) if blocks else None
+        init = self.block_init(taken, target, held) if blocks and self.cfg.memory.expert_init != "zero" else None
         # 2. Transition of the source level.
         handed = source == 1 and transition == "update" and takes_all
         before_update = [[pool.factors(e) for e in M.active_experts(self.model, 1)]
@@ -477,17 +477,19 @@ class Learner:
         measured on the teacher: block b takes its group of the `taken` experts
         (`M.block_groups`) and its inputs, `contexts["block{b}"]`.
 
-        With no active expert at the target level, block b is the rank-(r / blocks) sum of its
-        group: an exact copy where one source has a block of its own rank. Otherwise the
-        target's experts took part on those inputs too (a level's only expert takes every
-        input of its level, and the sources learned on top of it), and the new expert takes
-        the inputs from them: block b is then the map that reproduces, on its inputs' hidden
-        states, what its group and the target's experts added there at their routed gates,
-        pulled toward the group's sum (`M.fit_low_rank`, `memory.fit_ridge`).
+        With no active expert at the target level (or `memory.expert_init: copy`), block b is
+        the rank-(r / blocks) sum of its group: an exact copy where one source has a block of
+        its own rank. Otherwise the target's experts took part on those inputs too (a level's
+        only expert takes every input of its level, and the sources learned on top of it), and
+        the new expert takes the inputs from them: with `fit`, block b is the map that
+        reproduces, on its inputs' hidden states, what its group and the target's experts added
+        there at their routed gates, pulled toward the group's sum (`M.fit_low_rank`,
+        `memory.fit_ridge`).
         """
         cfg = self.cfg.memory
         groups = M.block_groups(len(taken), M.pools(self.model, target)[0].blocks)
-        older = [(target, e) for e in M.active_experts(self.model, target)]
+        older = ([(target, e) for e in M.active_experts(self.model, target)]
+                 if cfg.expert_init == "fit" else [])
         stats = [self.teacher_map(self.context_pairs(contexts[f"block{k}"], cfg.fit_contexts),
                                   taken + older, fit=True) if older else None
                  for k in range(len(groups))]
