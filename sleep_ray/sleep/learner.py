@@ -282,14 +282,15 @@ class Learner:
         keys = self.route_keys(pairs, target) if cosine and self.cfg.memory.keys_from == "teacher" else None
         changing = ([(source, e) for e in M.active_experts(self.model, source)]
                     if not takes_all and level_opt is not None and level_opt.pending else [])
-        blocks = M.pools(self.model, target)[0].blocks > 1
-        if blocks:  # each source (group of sources) keeps its map and its class in a block
-            held = held | self.block_contexts(taken)
+        in_blocks = M.pools(self.model, target)[0].blocks > 1
+        if in_blocks:  # each source (group of sources) keeps its map and its class in a block
+            held = held | self.block_contexts(taken, target)
             fitted = None
         else:
             fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
                                          held["contexts"], changing)
-        init = self.block_init(taken, target, held) if blocks and self.cfg.memory.expert_init != "zero" else None
+        init = (self.block_init(taken, target, held)
+                if in_blocks and self.cfg.memory.expert_init != "zero" else None)
         # 2. Transition of the source level.
         handed = source == 1 and transition == "update" and takes_all
         before_update = [[pool.factors(e) for e in M.active_experts(self.model, 1)]
@@ -500,8 +501,9 @@ class Learner:
             a, b = torch.zeros(pool.dim, pool.rank), torch.zeros(pool.rank, pool.dim)
             for k, group in enumerate(groups):
                 parts = [memory.levels[taken[j][0] - 1].factors(taken[j][1]) for j in group]
-                part = M.low_rank_sum(parts, [1.0] * len(parts), width)
-                if stats[k] is not None:
+                if stats[k] is None:
+                    part = M.low_rank_sum(parts, [1.0] * len(parts), width)
+                else:
                     _, gram, cross, _ = stats[k][i]
                     prior = sum((pa.float().cpu() @ pb.float().cpu() for pa, pb in parts),
                                 torch.zeros(pool.dim, pool.dim))
@@ -511,10 +513,10 @@ class Learner:
             init.append((a, b))
         return init
 
-    def block_contexts(self, taken: list[tuple[int, int]]) -> dict[str, list[Example]]:
-        """{"block{b}": contexts} of a new expert of several blocks: the contexts each block's
-        group of `taken` experts held (the classes of its router rows)."""
-        groups = M.block_groups(len(taken), M.pools(self.model, taken[0][0] + 1)[0].blocks)
+    def block_contexts(self, taken: list[tuple[int, int]], target: int) -> dict[str, list[Example]]:
+        """{"block{b}": contexts} of a new expert of several blocks at `target`: the contexts
+        each block's group of `taken` experts held (the classes of its router rows)."""
+        groups = M.block_groups(len(taken), M.pools(self.model, target)[0].blocks)
         return {f"block{k}": [example for i in group
                               for example in self.expert_data.get(taken[i], {}).get("contexts", [])]
                 for k, group in enumerate(groups)}
@@ -559,9 +561,9 @@ class Learner:
     @torch.no_grad()
     def route_census(self, examples: Sequence[Example]) -> dict[str, float]:
         """With the level gate: the share of `examples` whose answer (the prompt's last token)
-        each class of the routing layer wins: "L{level}.{slot}" for an expert ("L{level}.{slot}b{block}"
-        for one of blocks), "backbone" for the
-        backbone's class, "none" where no class is fitted yet. Where a task's questions go after
+        each class of the routing layer wins: "L{level}.{slot}" for an expert (with its block,
+        "L{level}.{slot}b{block}", for an expert of blocks), "backbone" for the backbone's
+        class, "none" where no class is fitted yet. Where a task's questions go after
         a sleep tells a routing failure from a consolidation that lost what it held. {} without
         the gate (each level then routes on its own; no one winner)."""
         if not examples or not self.cfg.memory.level_gate:
