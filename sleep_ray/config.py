@@ -177,6 +177,12 @@ class MemoryConfig:
     # expert act on every input, old tasks' included. Wake inputs are the fast level's by
     # definition: while training on them every level routes on its own.
     level_gate: bool = False
+    # Which levels take part where a level's class wins: "slower" (default) that level and every
+    # slower one (a faster level learned on top of what the slower ones held); "winner" that
+    # level alone, and on wake inputs the fast level alone: each memory learns, and answers, its
+    # own inputs without the others adding to them (an older expert, routed top-1 at its level,
+    # otherwise adds what it holds to every new task's inputs while the fast level learns it).
+    gate_scope: Literal["slower", "winner"] = "slower"
     gate_refit_every: int = 10
     # With the level gate: the backbone, the slowest level, has a class too, fitted on
     # `router_contexts` of its own samples (from BOS, the memory off; drawn once per run).
@@ -264,6 +270,8 @@ class MemoryConfig:
                   "scores across levels)")
         if self.backbone_class and not self.level_gate:
             _fail(f"{at}.backbone_class", self.backbone_class, "needs level_gate: true")
+        if self.gate_scope == "winner" and not self.level_gate:
+            _fail(f"{at}.gate_scope", self.gate_scope, "needs level_gate: true")
         if self.gate_refit_every <= 0:
             _fail(f"{at}.gate_refit_every", self.gate_refit_every, "must be positive")
         if self.router_ridge <= 0:
@@ -588,6 +596,10 @@ class SleepConfig:
             _fail("schedule.chunk_sizes", self.schedule.chunk_sizes,
                   f"has {self.schedule.num_levels} levels but memory.capacity has "
                   f"{self.memory.num_levels}")
+        if self.memory.gate_scope == "winner" and tuple(self.schedule.wake_levels) != (1,):
+            _fail("memory.gate_scope", self.memory.gate_scope, "wake inputs are the fast level's "
+                  f"alone, so no slower level can take wake gradients (schedule.wake_levels="
+                  f"{list(self.schedule.wake_levels)})")
         for layer in self.memory.layers:
             if self.model.name_or_path == "tiny" and layer >= self.model.num_layers:
                 _fail("memory.layers", self.memory.layers,
@@ -760,7 +772,7 @@ def save_config(cfg: SleepConfig, path: str | Path) -> None:
 # Fields (dotted prefixes) whose change makes a saved learner state or memory the wrong shape
 # or meaning: the backbone and tokenizer, the memory's layout, which levels hold optimizer
 # state, the dreamer adapter, and the stream a checkpoint's position points into.
-RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.blocks", "memory.capacity", "memory.router", "memory.backbone_class",
+RESUME_FIELDS = ("model.", "memory.layers", "memory.rank", "memory.ranks", "memory.blocks", "memory.capacity", "memory.router", "memory.backbone_class", "memory.gate_scope",
                  "schedule.chunk_sizes", "schedule.wake_levels", "schedule.optimizer",
                  "dreaming.enabled", "dreaming.dreamer", "dreaming.dreamer_rank",
                  "dreaming.dreamer_targets", "data.stream", "data.path", "data.num_tasks",

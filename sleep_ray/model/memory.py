@@ -25,6 +25,8 @@ every level, the fast level's class being its current window. An input goes to t
 holds it: where an expert of level l wins, the levels faster than l stay out of the input
 (what they hold was written after that knowledge was consolidated; `level_mask`). Wake inputs
 are the fast level's by definition, so inside `wake_inputs` every level routes on its own.
+Gate scope "winner" (`memory.gate_scope`): only the winning level takes part, and on wake inputs
+only the fast level, so each memory learns and answers its own inputs alone.
 With `memory.backbone_class` the backbone is the slowest class: where what it says by itself
 (its own samples) is nearest, no level adds anything.
 """
@@ -133,14 +135,17 @@ def discriminant_router(sums: torch.Tensor, counts: torch.Tensor, second: torch.
     return rows.float(), bias.float()
 
 
-def level_mask(best: torch.Tensor) -> torch.Tensor:
+def level_mask(best: torch.Tensor, winner_only: bool = False) -> torch.Tensor:
     """(..., L) each level's best router score (the dtype's minimum where it has no fitted
     class) -> (..., L) 0/1: level l takes part iff it is not faster than the level of the best
-    score over all. Where no level has a fitted class every level takes part (ties go to the
-    faster level)."""
+    score over all (`winner_only`: iff it is that level). Where no level has a fitted class
+    every level takes part (ties go to the faster level)."""
     winner = best.argmax(-1, keepdim=True)  # (..., 1)
     levels = torch.arange(best.shape[-1], device=best.device)
-    return (levels >= winner).to(best.dtype)
+    if not winner_only:
+        return (levels >= winner).to(best.dtype)
+    none = (best == torch.finfo(best.dtype).min).all(-1, keepdim=True)
+    return ((levels == winner) | none).to(best.dtype)
 
 
 def block_groups(sources: int, blocks: int) -> list[list[int]]:
@@ -458,7 +463,8 @@ class LayerMemory(nn.Module):
         )
         self._capture: list[torch.Tensor] | None = None
         self.level_gate = cfg.level_gate
-        self.wake = False  # inside `wake_inputs`: the level gate stands aside
+        self.winner_only = cfg.gate_scope == "winner"
+        self.wake = False  # inside `wake_inputs`: the fast level's inputs (see `decisions`)
         # The backbone's own class in the level gate (`memory.backbone_class`): where it wins,
         # no level adds anything. A zero row is unfitted.
         if cfg.backbone_class:
@@ -473,11 +479,19 @@ class LayerMemory(nn.Module):
         self.backbone_row.copy_(row.to(self.backbone_row))
         self.backbone_bias.fill_(bias)
 
-    def gate_levels(self, x: torch.Tensor) -> None:
-        """Level gate at a layer that routes: score every level once and leave each pool its
-        scores and whether it takes part (`level_mask` over each level's best fitted score)."""
-        for pool, decision in zip(self.levels, self.decide(x)):
-            pool.decision = decision
+    def decisions(self, x: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per level, as the forward pass routes inputs `x` at a layer that routes: the router
+        scores it uses (None: the pool scores `x` itself) and whether it takes part (B, T, 1;
+        None: everywhere). Without the level gate every level routes on its own. With it, wake
+        inputs are the fast level's by definition: every level routes on its own there (gate
+        scope "slower") or the fast level alone takes part ("winner"); any other input goes to
+        the memory that holds it (`decide`)."""
+        if not self.level_gate or (self.wake and not self.winner_only):
+            return [(None, None)] * len(self.levels)
+        if self.wake:
+            off = torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
+            return [(None, None)] + [(None, off)] * (len(self.levels) - 1)
+        return self.decide(x)
 
     def decide(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per level: its router scores (B, T, E) and whether it takes part (B, T, 1). Every
@@ -494,22 +508,22 @@ class LayerMemory(nn.Module):
             fitted = bool(self.backbone_row.abs().sum() > 0)
             backbone = r @ self.backbone_row.to(r.dtype) + self.backbone_bias.to(r.dtype)
             best.append(backbone if fitted else torch.full_like(backbone, neg))
-        on = level_mask(torch.stack(best, dim=-1))  # (B, T, L or L + 1)
+        on = level_mask(torch.stack(best, dim=-1), self.winner_only)  # (B, T, L or L + 1)
         return [(s, on[..., i:i + 1]) for i, s in enumerate(scores)]
 
     def gates(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """(B, T, E) gates of 1-based `level` for inputs `x` of this layer, as the forward pass
         routes them when this layer routes (the level gate included)."""
-        if not self.level_gate:
-            return self.levels[level - 1].gates(x)
-        scores, on = self.decide(x)[level - 1]
-        return self.levels[level - 1].gates(x, scores) * on
+        scores, on = self.decisions(x)[level - 1]
+        g = self.levels[level - 1].gates(x, scores)
+        return g if on is None else g * on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._capture is not None:
             self._capture.append(x.detach())
-        if self.level_gate and not self.wake and self.levels[0].routes:
-            self.gate_levels(x)
+        if self.levels[0].routes:
+            for pool, decision in zip(self.levels, self.decisions(x)):
+                pool.decision = decision
         try:
             return self.run_pools(x)
         finally:

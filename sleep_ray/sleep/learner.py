@@ -247,7 +247,8 @@ class Learner:
         window) restarts at the pending chunk. The level keeps only what its pending chunk
         changed (`keep_change`): where its class wins the new expert takes part too, as every
         slower level does, and the two add up to the level after the update instead of counting
-        what was handed over twice.
+        what was handed over twice. Under gate scope "winner" the new expert stays out where
+        the fast class wins, so the level keeps all it holds.
         A target level of experts with blocks (`memory.blocks`, pruning a level into the slowest):
         the new expert starts as the pruned experts, one (or one group) per block
         (`block_init`), and each block's router row is fitted on the contexts its sources held
@@ -292,7 +293,10 @@ class Learner:
         init = (self.block_init(taken, target, held)
                 if in_blocks and self.cfg.memory.expert_init != "zero" else None)
         # 2. Transition of the source level.
-        handed = source == 1 and transition == "update" and takes_all
+        # Under gate scope "winner" the new expert adds nothing where the fast class wins, so
+        # the fast level keeps all it holds there; otherwise it keeps only its chunk's change.
+        handed = (source == 1 and transition == "update" and takes_all
+                  and self.cfg.memory.gate_scope != "winner")
         before_update = [[pool.factors(e) for e in M.active_experts(self.model, 1)]
                          for pool in M.pools(self.model, 1)] if handed else []
         self._transition(source, transition, level_opt)

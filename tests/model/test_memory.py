@@ -376,14 +376,17 @@ def test_level_mask_by_hand():
                          [low, low, 4.0],   # the slowest wins: only it
                          [low, low, low]])  # nothing fitted: every level
     assert M.level_mask(best).tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 1, 1]]
+    # Gate scope "winner": the winning level alone (every level where nothing is fitted).
+    assert M.level_mask(best, winner_only=True).tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 1, 1]]
 
 
-def _gated_memory(routing: str):
+def _gated_memory(routing: str, scope: str = "slower"):
     """A tiny model whose fast expert holds inputs near +u and a level-2 expert inputs near -u
     (u: a direction of the first memory layer's input), both with nonzero deltas."""
     cfg = load_config(None, ["model.pretrain_steps=0", "memory.capacity=[1, 3, 2]",
                              "memory.router=discriminant", "memory.shared_routing=true",
-                             "memory.level_gate=true", f"memory.routing={routing}"])
+                             "memory.level_gate=true", f"memory.routing={routing}",
+                             f"memory.gate_scope={scope}"])
     model, tok = build_model(cfg)
     g = torch.Generator().manual_seed(0)
     memory = M.memories(model)[0]
@@ -396,8 +399,9 @@ def _gated_memory(routing: str):
     return model, tok, memory, u
 
 
-def test_the_level_gate_keeps_faster_levels_out_of_a_slower_experts_inputs():
-    _, _, memory, u = _gated_memory("token")
+@pytest.mark.parametrize("scope", ["slower", "winner"])
+def test_the_level_gate_keeps_faster_levels_out_of_a_slower_experts_inputs(scope):
+    _, _, memory, u = _gated_memory("token", scope)
     fast, slow = memory.levels[0], memory.levels[1]
     x = torch.randn(2, 5, fast.dim, generator=torch.Generator().manual_seed(1)) * 0.01
     x[0] += u  # the fast level's inputs
@@ -405,12 +409,19 @@ def test_the_level_gate_keeps_faster_levels_out_of_a_slower_experts_inputs():
     with torch.no_grad():
         own = [pool.forward(x) for pool in (fast, slow)]  # each pool alone, no decision left
         out = memory(x)
-        memory.wake = True  # wake inputs: every level routes on its own
+        memory.wake = True  # wake inputs: the fast level's
         woken = memory(x)
+        woken_gates = memory.gates(x, 2)
         memory.wake = False
-    assert torch.allclose(out[0], own[0][0] + own[1][0])
     assert torch.allclose(out[1], own[1][1])  # no fast-level term
-    assert torch.allclose(woken, own[0] + own[1])
+    if scope == "slower":  # the fast level on top of the slower ones; in wake each on its own
+        assert torch.allclose(out[0], own[0][0] + own[1][0])
+        assert torch.allclose(woken, own[0] + own[1])
+        assert torch.equal(woken_gates, slow.gates(x))
+    else:  # the winner alone; in wake the fast level alone
+        assert torch.allclose(out[0], own[0][0])
+        assert torch.allclose(woken, own[0])
+        assert not woken_gates.any()
     assert all(pool.decision is None for pool in memory.levels)
 
 
@@ -498,3 +509,16 @@ def test_blocks_are_refused_where_they_cannot_work():
                       ["memory.blocks=[1, 1, 2]"]):  # cosine router
         with pytest.raises(ConfigError, match="memory.blocks"):
             load_config(None, ["model.pretrain_steps=0", *overrides])
+
+
+def test_gate_scope_winner_is_refused_where_it_cannot_work():
+    from sleep_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs level_gate"):
+        load_config(None, ["model.pretrain_steps=0", "memory.gate_scope=winner"])
+    with pytest.raises(ConfigError, match="wake gradients"):  # a slower wake level gets none
+        load_config(None, ["model.pretrain_steps=0", "memory.router=discriminant",
+                           "memory.level_gate=true", "memory.gate_scope=winner",
+                           "schedule.wake_levels=[1, 2]", "schedule.chunk_sizes=[1, 4, 8]"])
+    with pytest.raises(ConfigError, match="gate_scope"):
+        load_config(None, ["model.pretrain_steps=0", "memory.gate_scope=alone"])

@@ -7,6 +7,7 @@ config: the new expert starts as what the reset destroys and seeding leaves a st
 matches its teacher where it is.
 """
 
+import copy
 import dataclasses
 import random
 
@@ -157,22 +158,34 @@ def test_an_update_keeps_the_older_pairs_and_what_its_chunk_learned():
     assert M.active_experts(learner.model, 1) == [0]
 
 
-def test_a_gated_update_hands_the_older_window_over_and_the_level_goes_on_learning():
+@pytest.mark.parametrize("scope", ["slower", "winner"])
+def test_a_gated_update_hands_the_older_window_over_and_the_level_goes_on_learning(scope):
     # Under the level gate the older contexts become the new expert's class and the fast level
     # stays out of them, so the new expert takes over all the level added there (not only the
-    # chunk's change); the level keeps what its chunk changed, and its class restarts at the
-    # chunk. It then learns the chunk's pairs on while the older ones stay answered.
+    # chunk's change); the level keeps what its chunk changed (all it holds under scope
+    # "winner", where the new expert stays out of the fast class's inputs), and its class
+    # restarts at the chunk. It then learns the chunk's pairs on while the older ones stay
+    # answered.
     learner = make_learner("schedule.transitions=['update', 'reset', 'reset']",
                            "schedule.chunk_sizes=[4, 0, 0]", "seeding.steps=0",
                            "memory.router=discriminant", "memory.shared_routing=true",
-                           "memory.level_gate=true")
+                           "memory.level_gate=true", f"memory.gate_scope={scope}")
     older, chunk = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
     learn(learner, older)
     rng = random.Random(1)
     for _ in range(8):
         learner.wake_step(rng.sample(chunk, 8), chunk if _ == 0 else [])
+    ahead = copy.deepcopy(learner)  # the fast level with its pending chunk applied
+    ahead.levels[1].apply()
+    applied = [pool.factors(0) for pool in M.pools(ahead.model, 1)]
+    chunk_loss = mean_loss(learner, chunk)
     stats = consolidate(learner, 1, 2)
     assert stats["consolidate/kept"] >= 0.9, stats
+    for pool, (a0, b0) in zip(M.pools(learner.model, 1), applied):
+        a, b = pool.factors(0)
+        full = torch.allclose(a @ b, a0 @ b0, atol=1e-5)
+        assert full == (scope == "winner")  # else only the chunk's change (`keep_change`)
+    assert mean_loss(learner, chunk) <= chunk_loss + 0.01  # the chunk's inputs lost nothing
     assert not learner.levels[1].pending and M.active_experts(learner.model, 1) == [0]
     assert {e.task for e in learner.window.until(learner.wake_steps)} == {"b"}  # the chunk's
     assert {e.task for e in learner.expert_data[(2, stats["consolidate/slot"])]["contexts"]} == {"a"}
@@ -363,13 +376,16 @@ def test_the_prior_of_a_pruned_routed_level_keeps_each_expert_whole_with_routed_
                                    atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gate", [True, False])
-def test_a_new_window_in_the_fast_level_leaves_a_consolidated_one_alone(gate):
+@pytest.mark.parametrize("scope", ["off", "slower", "winner"])
+def test_a_new_window_in_the_fast_level_leaves_a_consolidated_one_alone(scope):
     # The fast level is one expert; unless the level gate keeps it out of inputs a slower
     # expert holds, learning the next window there overwrites the consolidated one's answers
-    # (measured without it: 1.0 -> 0.3) before that window is ever consolidated.
+    # (measured without it: 1.0 -> 0.3) before that window is ever consolidated. Under gate
+    # scope "winner" the level-2 expert also stays out of the new window's inputs.
+    gate = scope != "off"
     learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
-                           f"memory.level_gate={str(gate).lower()}")
+                           f"memory.level_gate={str(gate).lower()}",
+                           *([f"memory.gate_scope={scope}"] if gate else []))
     first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
     learn(learner, first)
     slot = consolidate(learner, 1, 2)["consolidate/slot"]
