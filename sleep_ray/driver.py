@@ -64,6 +64,7 @@ from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.loop import RunRecord, task_batches, task_heldout, write_run
 from sleep_ray.sleep.seeding import seeding_data
+from sleep_ray.timing import timed
 from sleep_ray.tracking import MetricsLogger
 from sleep_ray.types import Stream, Task
 
@@ -317,14 +318,17 @@ class SleepDriver:
         phase, seed, s = f"consolidate_{source}_to_{target}", self.cfg.run.seed, self.cfg.seeding
         self.publish()
         with self.record.timed(phase):
-            teacher_seed = phase_seed(seed, step, f"{phase}/teacher")
-            prompts, caps = ray.get(self.learners[0].seeding_prompts.remote(source, teacher_seed))
-            completions = self.rollouts.call(lambda w: w.generate.remote(
-                prompts, max(caps), s.temperature, teacher_seed,
-                state=self.state_ref)) if prompts else []
-            data = seeding_data(prompts, completions, caps)
+            sampling: dict[str, float] = {}
+            with timed(sampling, "consolidate/seconds_sampling"):
+                teacher_seed = phase_seed(seed, step, f"{phase}/teacher")
+                prompts, caps = ray.get(self.learners[0].seeding_prompts.remote(source, teacher_seed))
+                completions = self.rollouts.call(lambda w: w.generate.remote(
+                    prompts, max(caps), s.temperature, teacher_seed,
+                    state=self.state_ref)) if prompts else []
+                data = seeding_data(prompts, completions, caps)
             student = phase_seed(seed, step, f"{phase}/student")
-            return self._learner_group(lambda w: w.consolidate.remote(source, target, data, student))[0]
+            stats = self._learner_group(lambda w: w.consolidate.remote(source, target, data, student))[0]
+            return stats | sampling
 
     def dream(self, task: Task, step: int) -> dict[str, float]:
         """METHOD.md section 5 over the actors, in `Learner.dream`'s order and with its seeds."""

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sleep_ray.config import load_config
+from sleep_ray.eval.report import consolidation_seconds
 
 TRANSITIONS = ("reset", "update")
 
@@ -68,6 +69,11 @@ def run_overrides(transition: str, seed: int, update_chunk: int, levels: int) ->
                    if transition == "update" else [])
 
 
+# The parts of a consolidation's wall time (`Learner.consolidate`; D's sampling is timed by the
+# loop or the driver around it), in the order they run.
+PARTS = ("sampling", "routers", "score", "start", "seeding")
+
+
 def consolidation_rows(metrics: list[dict]) -> list[dict]:
     """One row per consolidation that expanded the memory, with the wake seconds of its window
     (the wake steps since the previous consolidation of the same source level)."""
@@ -77,7 +83,8 @@ def consolidation_rows(metrics: list[dict]) -> list[dict]:
         if "consolidate/source" in row:
             source = int(row["consolidate/source"])
             if not row.get("consolidate/skipped"):
-                rows.append({**row, "window_wake_seconds": total - last[source]})
+                rows.append({**row, "consolidate/seconds_all": consolidation_seconds(row),
+                             "window_wake_seconds": total - last[source]})
             last[source] = total
     return rows
 
@@ -96,7 +103,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
             values = [[r[key] for r in rows if key in r and r[key] == r[key]] for rows in by_seed.values()]
             return [statistics.fmean(v) for v in values if v]
         kept = per_seed("consolidate/kept")
-        cost = [statistics.fmean(r["consolidate/seconds"] / max(r["window_wake_seconds"], 1e-9)
+        cost = [statistics.fmean(r["consolidate/seconds_all"] / max(r["window_wake_seconds"], 1e-9)
                                  for r in rows) for rows in by_seed.values()]
         table.append({"consolidation": kind, "transition": transition,
                       "seeds": len(by_seed), "events": sum(len(v) for v in by_seed.values()),
@@ -106,7 +113,9 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
                       "score_after": statistics.fmean(per_seed("consolidate/score_after") or [float("nan")]),
                       "seed_steps": statistics.fmean(per_seed("seed/steps") or [float("nan")]),
                       "route_share": statistics.fmean(per_seed("consolidate/route_share") or [float("nan")]),
-                      "seconds": statistics.fmean(per_seed("consolidate/seconds")),
+                      "seconds": statistics.fmean(per_seed("consolidate/seconds_all")),
+                      "parts": {p: statistics.fmean(v) for p in PARTS
+                                if (v := per_seed(f"consolidate/seconds_{p}"))},
                       "cost_vs_window_wake": statistics.fmean(cost)})
     return table
 
@@ -114,13 +123,14 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
 def markdown(table: list[dict], header: dict[str, str]) -> str:
     lines = ["# Consolidation retention", ""] + [f"- {k}: {v}" for k, v in header.items()] + [
         "", "| consolidation | transition | seeds (events) | kept (mean ± std) | held-out before → after "
-        "| seeding steps | route share | seconds | / window's wake |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "| seeding steps | route share | seconds | / window's wake | of which (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['consolidation']} | {r['transition']} | {r['seeds']} ({r['events']}) "
                      f"| {r['kept_mean']:.3f} ± {r['kept_std']:.3f} "
                      f"| {r['score_before']:.3f} → {r['score_after']:.3f} | {r['seed_steps']:.1f} "
-                     f"| {r['route_share']:.2f} | {r['seconds']:.0f} | {r['cost_vs_window_wake']:.2f}× |")
+                     f"| {r['route_share']:.2f} | {r['seconds']:.0f} | {r['cost_vs_window_wake']:.2f}× "
+                     f"| {', '.join(f'{p} {v:.0f}' for p, v in r['parts'].items())} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> str:
             for r in rows:
                 print(f"[consolidation] {transition} seed {seed} step {r['step']}: "
                       f"{int(r['consolidate/source'])} -> {int(r['consolidate/target'])} kept "
-                      f"{r['consolidate/kept']:.3f} ({r['consolidate/seconds']:.0f} s)", flush=True)
+                      f"{r['consolidate/kept']:.3f} ({r['consolidate/seconds_all']:.0f} s)", flush=True)
             (out / "consolidation.json").write_text(json.dumps(
                 {f"{t}/{s}": v for (t, s), v in runs.items()}, indent=1, default=float))
     command = "sleep-ray bench consolidation " + " ".join(

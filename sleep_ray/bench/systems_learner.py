@@ -490,8 +490,11 @@ def consolidation_rows(quick: bool) -> list[Row]:
               "consolidation's window wake time)"),
              (f"consolidation 1 -> 2 at step {r['step']}: {cons:.2f} s = D's sampling "
               f"(teacher_samples, |D|={r['samples']}) {r['teacher_sampling_seconds']:.2f} s + "
-              f"Learner.consolidate {st['consolidate/seconds']:.2f} s, of which the student's "
-              f"on-policy sampling in seeding {r['seeding_sampling_seconds']:.2f} s"),
+              f"Learner.consolidate {st['consolidate/seconds']:.2f} s ("
+              + ", ".join(f"{k.removeprefix('consolidate/seconds_')} {v:.2f} s" for k, v in st.items()
+                          if k.startswith("consolidate/seconds_"))
+              + f"), of which the student's on-policy sampling in seeding "
+              f"{r['seeding_sampling_seconds']:.2f} s"),
              (f"consolidate/kept {st.get('consolidate/kept', math.nan):.3f} (held-out "
               f"{st.get('consolidate/score_before', math.nan):.3f} -> "
               f"{st.get('consolidate/score_after', math.nan):.3f} on "

@@ -296,9 +296,16 @@ def write_run_report(out_dir: str | Path, summary: Mapping, metrics: Sequence[Ma
     return path
 
 
+def consolidation_seconds(row: Mapping) -> float:
+    """A consolidation's wall seconds with D's sampling, which the loop or the driver times
+    around `Learner.consolidate` (rows from before it was logged apart: without it)."""
+    return row["consolidate/seconds"] + row.get("consolidate/seconds_sampling", 0.0)
+
+
 def consolidation_markdown(metrics: Sequence[Mapping]) -> str:
     """A table of the run's consolidations: what each kept of its window's held-out examples
-    (`consolidate/kept` = score after / before), its seeding steps, route share and seconds."""
+    (`consolidate/kept` = score after / before), its seeding steps, route share and seconds
+    (D's sampling included)."""
     rows = [m for m in metrics if "consolidate/source" in m and not m.get("consolidate/skipped")]
     if not rows:
         return ""
@@ -315,5 +322,5 @@ def consolidation_markdown(metrics: Sequence[Mapping]) -> str:
                      f"{int(r['consolidate/target'])} | {num(r, 'consolidate/kept', '.3f')} "
                      f"| {num(r, 'consolidate/score_before', '.3f')} → {num(r, 'consolidate/score_after', '.3f')} "
                      f"| {num(r, 'seed/steps', '.0f')} | {num(r, 'consolidate/route_share', '.2f')} "
-                     f"| {num(r, 'consolidate/seconds', '.0f')} |")
+                     f"| {consolidation_seconds(r):.0f} |")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from sleep_ray.sleep.generation import bos_id, sample
 from sleep_ray.sleep.seeding import (SeedingData, completion_logits, finite_step, pairs_to_batch, seed_expert,
                                      seeding_data)
 from sleep_ray.sleep.window import Reservoir, example_from_dict, example_to_dict
+from sleep_ray.timing import timed
 from sleep_ray.types import Example, MemoryState
 
 
@@ -255,6 +256,7 @@ class Learner:
         (`block_contexts`): each keeps its map and its inputs, where one map of them cannot.
         """
         t0 = time.perf_counter()
+        parts: dict[str, float] = {}  # wall seconds of the parts below, in the stats
         transition = self.cfg.schedule.transition(source)
         level_opt = self.levels.get(source)
         if transition == "reset" and level_opt is not None:
@@ -263,8 +265,10 @@ class Learner:
         held_upto = self.applied_step  # with `update`, the fast level's window ends here
         takes_all = transition == "reset" or self.cfg.memory.level_gate
         if self.cfg.memory.level_gate:
-            self.refit_routers()  # the teacher: the fast level's class is its whole window
-        before = self.heldout_score(held["heldout"])
+            with timed(parts, "consolidate/seconds_routers"):
+                self.refit_routers()  # the teacher: the fast level's class is its whole window
+        with timed(parts, "consolidate/seconds_score"):
+            before = self.heldout_score(held["heldout"])
         # 1. Teacher: the model as it is now (D was sampled from it).
         teacher = export_memory_state(self.model, self.version)
         # Earlier sleeps' experts of the source level: masked from the student now and pruned
@@ -284,14 +288,15 @@ class Learner:
         changing = ([(source, e) for e in M.active_experts(self.model, source)]
                     if not takes_all and level_opt is not None and level_opt.pending else [])
         in_blocks = M.pools(self.model, target)[0].blocks > 1
-        if in_blocks:  # each source (group of sources) keeps its map and its class in a block
-            held = held | self.block_contexts(taken, target)
-            fitted = None
-        else:
-            fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
-                                         held["contexts"], changing)
-        init = (self.block_init(taken, target, held)
-                if in_blocks and self.cfg.memory.expert_init != "zero" else None)
+        with timed(parts, "consolidate/seconds_start"):  # what the new expert starts as
+            if in_blocks:  # each source (group of sources) keeps its map and its class in a block
+                held = held | self.block_contexts(taken, target)
+                fitted = None
+            else:
+                fitted = self.fit_statistics(taken if takes_all or earlier else [], target,
+                                             held["contexts"], changing)
+            init = (self.block_init(taken, target, held)
+                    if in_blocks and self.cfg.memory.expert_init != "zero" else None)
         # 2. Transition of the source level.
         # Under gate scope "winner" the new expert adds nothing where the fast class wins, so
         # the fast level keeps all it holds there; otherwise it keeps only its chunk's change.
@@ -302,7 +307,8 @@ class Learner:
         self._transition(source, transition, level_opt)
         if handed:
             keep_change(M.pools(self.model, 1), before_update)
-        init = init or self.new_expert_init(fitted, target)
+        with timed(parts, "consolidate/seconds_start"):
+            init = init or self.new_expert_init(fitted, target)
         for pool in M.pools(self.model, source):
             pool.active[earlier] = False
         # 3. Expansion: one new expert (and router entry) at the target level.
@@ -319,15 +325,17 @@ class Learner:
         emptied = {(1, e): [] if transition == "reset" else self.window.since(held_upto)
                    for e in M.active_experts(self.model, 1)} if source == 1 and takes_all else {}
         if discriminant:
-            self.refit_routers({(target, slot): held} | emptied)
+            with timed(parts, "consolidate/seconds_routers"):
+                self.refit_routers({(target, slot): held} | emptied)
         # 4. Knowledge seeding: only the new expert trains.
         M.freeze_memory(self.model)
         params = M.set_trainable(self.model, target, slot)
         self.model.train()
         n_check = self.cfg.seeding.check_contexts
         check = self.context_pairs(held["contexts"], n_check) if n_check else ()
-        stats = seed_expert(self.model, self.tok, teacher, data, params, self.cfg.seeding,
-                            self.generator, seed=seed, check=check)
+        with timed(parts, "consolidate/seconds_seeding"):
+            stats = seed_expert(self.model, self.tok, teacher, data, params, self.cfg.seeding,
+                                self.generator, seed=seed, check=check)
         self.model.eval()
         self.count_nonfinite(f"consolidate_{source}_to_{target} (seeding)",
                              int(stats.get("seed/nonfinite_steps", 0)))
@@ -335,13 +343,15 @@ class Learner:
         if student_keys:  # seeding changed what the new expert adds, so what the layers see
             self.student_keys(pairs, target, slot)
         if discriminant and stats.get("seed/steps", 0) > 0:
-            self.refit_routers({(target, slot): held} | emptied)
+            with timed(parts, "consolidate/seconds_routers"):
+                self.refit_routers({(target, slot): held} | emptied)
         # 5. Pruning of the source level's earlier experts.
         for pool in M.pools(self.model, source):
             for e in earlier:
                 pool.reset_expert(e)
-        after = self.heldout_score(held["heldout"])
-        share = self.route_share(held["heldout"] or held["contexts"], target, slot)
+        with timed(parts, "consolidate/seconds_score"):
+            after = self.heldout_score(held["heldout"])
+            share = self.route_share(held["heldout"] or held["contexts"], target, slot)
         self.hand_over(source, target, slot, held, earlier, transition, held_upto)
         self._bind_wake_levels()
         self.newest_expert = (target, slot)
@@ -353,7 +363,7 @@ class Learner:
                         "consolidate/score_before": before, "consolidate/score_after": after,
                         "consolidate/kept": after / before if before > 0 else float("nan"),
                         "consolidate/route_share": share,
-                        "consolidate/seconds": time.perf_counter() - t0,
+                        "consolidate/seconds": time.perf_counter() - t0, **parts,
                         "nonfinite_steps": float(self.nonfinite_steps)}
 
     def _transition(self, source: int, transition: str, level_opt: LevelOptimizer | None) -> None:

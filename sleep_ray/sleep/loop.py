@@ -29,6 +29,7 @@ from sleep_ray.eval.metrics import summarize
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.learner import Learner
+from sleep_ray.timing import timed
 from sleep_ray.types import Example, Stream, Task
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,12 @@ class RunRecord:
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         """Add the block's wall time to `phase_seconds[phase]`, and log it."""
-        t0 = time.perf_counter()
+        before = self.phase_seconds[phase]
         try:
-            yield
+            with timed(self.phase_seconds, phase):
+                yield
         finally:
-            seconds = time.perf_counter() - t0
-            self.phase_seconds[phase] += seconds
+            seconds = self.phase_seconds[phase] - before
             log.log(logging.INFO if seconds >= LOG_PHASE_SECONDS else logging.DEBUG,
                     "phase %s took %.1fs", phase, seconds)
 
@@ -144,12 +145,14 @@ class LocalSleepRun:
         for source, target in plan.consolidations:
             phase = f"consolidate_{source}_to_{target}"
             self.show(phase)
+            sampling: dict[str, float] = {}
             with self.record.timed(phase):
-                data = self.learner.teacher_samples(phase_seed(seed, plan.step, f"{phase}/teacher"),
-                                                    source)
+                with timed(sampling, "consolidate/seconds_sampling"):
+                    data = self.learner.teacher_samples(
+                        phase_seed(seed, plan.step, f"{phase}/teacher"), source)
                 stats = self.learner.consolidate(source, target, data,
                                                  phase_seed(seed, plan.step, f"{phase}/student"))
-            self.log({"step": plan.step, **stats})
+            self.log({"step": plan.step, **stats, **sampling})
         if self.cfg.dreaming.enabled:
             self.show("dream")
             with self.record.timed("dream"):

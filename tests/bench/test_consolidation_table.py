@@ -19,7 +19,8 @@ def _rows():
                         "consolidate/score_before": 0.8, "consolidate/score_after": 0.4 * step / 2,
                         "seed/steps": 0.0, "consolidate/route_share": 1.0})
     out.append({"step": 4, "consolidate/source": 2, "consolidate/target": 3,
-                "consolidate/kept": 0.9, "consolidate/seconds": 2.0, "seed/steps": 5.0})
+                "consolidate/kept": 0.9, "consolidate/seconds": 1.5, "consolidate/seconds_sampling": 0.5,
+                "consolidate/seconds_seeding": 1.0, "seed/steps": 5.0})
     out.append({"step": 4, "consolidate/source": 1, "consolidate/target": 2, "consolidate/skipped": 1.0})
     return out
 
@@ -43,7 +44,12 @@ def test_seeds_are_averaged_first_then_mean_and_std(tmp_path):
     assert one["cost_vs_window_wake"] == pytest.approx(0.5) and one["events"] == 4
     two = table[("2 -> 3", "reset")]
     assert two["kept_mean"] == pytest.approx((0.9 + 0.45) / 2) and two["seed_steps"] == 5.0
-    assert "| 1 -> 2 | reset | 2 (4) | 0.562 ± 0.265 |" in markdown(list(table.values()), {})
+    # D's sampling counts: (1.5 + 0.5) s against the window's 4 s of wake.
+    assert two["seconds"] == 2.0 and two["cost_vs_window_wake"] == pytest.approx(0.5)
+    assert two["parts"] == {"sampling": 0.5, "seeding": 1.0} and one["parts"] == {}
+    text = markdown(list(table.values()), {})
+    assert "| 1 -> 2 | reset | 2 (4) | 0.562 ± 0.265 |" in text
+    assert "| 2 | 0.50× | sampling 0, seeding 1 |" in text
 
 
 def test_the_run_report_lists_each_consolidation(tmp_path):

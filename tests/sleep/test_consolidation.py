@@ -82,6 +82,12 @@ def test_one_consolidation_keeps_the_pairs(after_one_window):
     # The fast level was emptied: what answers the pairs now is the level-2 expert.
     assert M.active_experts(learner.model, 2) == [stats["consolidate/slot"]]
     assert all(float(p.B[0].abs().sum()) == 0 for p in M.pools(learner.model, 1))
+    # Its wall time in parts (D's sampling is timed around it by the loop or the driver); they
+    # cover part of it and never more.
+    # (no router refit: the default router is cosine).
+    parts = {k: v for k, v in stats.items() if k.startswith("consolidate/seconds_")}
+    assert parts.keys() == {f"consolidate/seconds_{p}" for p in ("score", "start", "seeding")}
+    assert all(v > 0 for v in parts.values()) and sum(parts.values()) <= stats["consolidate/seconds"]
 
 
 def test_a_student_at_its_teacher_takes_no_seeding_step(after_one_window):
