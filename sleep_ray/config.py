@@ -374,6 +374,10 @@ class SeedingConfig:
     tolerance: float = 1e-3
     check_every: int = 5
     patience: int = 2
+    # Also check after the first step: a start already at its best (a fitted start next to its
+    # teacher) then costs one step, not `check_every` (SmolLM2: each seeding step costs about
+    # 15 wake steps; docs/results.md).
+    check_first: bool = False
     # What the check measures the divergence on: D itself (0), or this many of the consolidated
     # level's wake contexts (whole texts it learned, never its held-out slice). D is a few dozen
     # samples; a student can come closer to the teacher on them while it walks away on the

@@ -152,8 +152,9 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
                 check: Sequence[tuple[list[int], list[int]]] = ()) -> dict[str, float]:
     """Train `params` (the new expert) for at most cfg.steps on D; returns the last step's stats.
 
-    Every `cfg.check_every` steps (and before the first) the divergence over `check` (pairs the
-    student does not train on; default: all of D) is measured; seeding stops once it is at most
+    Every `cfg.check_every` steps (before the first, and with `cfg.check_first` after it) the
+    divergence over `check` (pairs the student does not train on; default: all of D) is
+    measured; seeding stops once it is at most
     `cfg.tolerance` or after `cfg.patience` checks without improvement, and the best student
     measured is restored. A student that starts at its teacher (the "copy" init) therefore takes
     no step, and seeding never ends further from the teacher, on `check`, than it started.
@@ -185,7 +186,7 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
             for name in ("lti/reward_mean", "lti/reward_nonzero"):
                 if name in stats:
                     rewards.setdefault(name, []).append(stats[name])
-            if steps % cfg.check_every and steps < cfg.steps:
+            if steps % cfg.check_every and steps < cfg.steps and not (cfg.check_first and steps == 1):
                 continue
             div = divergence_on_all(model, teacher, check, pad, cfg.beta)
             if div < best:

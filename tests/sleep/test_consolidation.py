@@ -121,6 +121,27 @@ def test_seeding_checks_the_divergence_on_the_pairs_it_is_given_and_keeps_the_be
     assert stats["seed/divergence"] <= on_check
 
 
+@pytest.mark.parametrize("check_first,steps", [(False, 3.0), (True, 1.0)])
+def test_a_start_at_its_best_costs_one_step_with_check_first(check_first, steps):
+    # The student is its teacher (no tolerance to stop it before the first step): every step
+    # walks away, so the first check after a step ends seeding (patience 1) and the start is
+    # restored. `check_first` finds that after one step instead of `check_every`.
+    learner = make_learner("seeding.steps=12", "seeding.check_every=3", "seeding.patience=1",
+                           "seeding.tolerance=-1", "seeding.num_samples=8",
+                           f"seeding.check_first={str(check_first).lower()}")
+    pairs = word_pairs(learner.tok, 0, 10, "a")
+    learn(learner, pairs, steps=20)
+    model = learner.model
+    teacher = export_memory_state(model, learner.version)
+    data = learner.teacher_samples(0, 1)
+    params = M.set_trainable(model, 1)
+    start = [p.detach().clone() for p in params]
+    stats = seed_expert(model, learner.tok, teacher, data, params, learner.cfg.seeding,
+                        learner.generator, seed=1)
+    assert stats["seed/steps"] == steps and stats["seed/divergence"] == stats["seed/first_divergence"]
+    assert all(torch.equal(p, q) for p, q in zip(params, start))
+
+
 def test_an_older_expert_keeps_its_pairs_when_a_second_window_is_consolidated():
     learner = make_learner()
     first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
