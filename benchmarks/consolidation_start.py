@@ -110,6 +110,7 @@ def run_variant(args, variant: list[str]) -> dict:
             "seeding steps": stats.get("seed/steps", 0.0),
             "route share": stats["consolidate/route_share"],
             "seconds": stats["consolidate/seconds"],
+            "seeding seconds": stats.get("consolidate/seconds_seeding", float("nan")),
             "test before": before, "test after": scores(),
             "routes": [learner.route_census(t.test) for t in stream.tasks]}
 
@@ -122,15 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.checkpoint).exists():
         save_before_consolidation(args)
     variants = [[v.strip() for v in group.split(",") if v.strip()] for group in args.variant] or [[]]
-    print("| variant | kept | first divergence | seeding steps | route share | seconds | test before | "
-          "test after | routes of each task's test questions |")
+    print("| variant | kept | first divergence | seeding steps | route share | seconds (of which seeding) "
+          "| test before | test after | routes of each task's test questions |")
     print("|---|---|---|---|---|---|---|---|---|")
     for variant in variants:
         r = run_variant(args, variant)
         fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)
         routes = "; ".join(" ".join(f"{c} {s:.2f}" for c, s in census.items()) for census in r["routes"])
         print(f"| {r['variant']} | {r['kept']:.3f} | {r['first divergence']:.3f} | "
-              f"{r['seeding steps']:.0f} | {r['route share']:.2f} | {r['seconds']:.0f} | {fmt(r['test before'])} | "
+              f"{r['seeding steps']:.0f} | {r['route share']:.2f} | {r['seconds']:.0f} ({r['seeding seconds']:.0f}) "
+              f"| {fmt(r['test before'])} | "
               f"{fmt(r['test after'])} | {routes} |", flush=True)
     return 0
 
