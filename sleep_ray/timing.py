@@ -1,4 +1,4 @@
-"""Wall seconds of named parts, added up in a dict (a run's phases, a consolidation's parts)."""
+"""Wall seconds of named parts, added up in a dict (a consolidation's parts, D's sampling)."""
 
 from __future__ import annotations
 

@@ -71,12 +71,12 @@ class RunRecord:
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         """Add the block's wall time to `phase_seconds[phase]`, and log it."""
-        before = self.phase_seconds[phase]
+        t0 = time.perf_counter()
         try:
-            with timed(self.phase_seconds, phase):
-                yield
+            yield
         finally:
-            seconds = self.phase_seconds[phase] - before
+            seconds = time.perf_counter() - t0
+            self.phase_seconds[phase] += seconds
             log.log(logging.INFO if seconds >= LOG_PHASE_SECONDS else logging.DEBUG,
                     "phase %s took %.1fs", phase, seconds)
 

@@ -154,10 +154,10 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
 
     Every `cfg.check_every` steps (before the first, and with `cfg.check_first` after it) the
     divergence over `check` (pairs the student does not train on; default: all of D) is
-    measured; seeding stops once it is at most
-    `cfg.tolerance` or after `cfg.patience` checks without improvement, and the best student
-    measured is restored. A student that starts at its teacher (the "copy" init) therefore takes
-    no step, and seeding never ends further from the teacher, on `check`, than it started.
+    measured; seeding stops once it is at most `cfg.tolerance` or after `cfg.patience` checks
+    without improvement, and the best student measured is restored. A student that starts at
+    its teacher (the "copy" init) therefore takes no step, and seeding never ends further from
+    the teacher, on `check`, than it started.
     "seed/steps" counts the steps taken; "seed/first_divergence" and "seed/divergence" are
     measured on `check`.
 
