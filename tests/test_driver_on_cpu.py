@@ -56,6 +56,7 @@ def assert_same_memory(a, b) -> None:
         assert torch.equal(a.tensors[name], b.tensors[name]), name
 
 
+@pytest.mark.slow
 def test_ray_run_ends_with_the_memory_of_the_one_process_run(ray_session, cfg, local_run, tmp_path):
     from sleep_ray.driver import run_on_ray
 
@@ -70,6 +71,7 @@ def test_ray_run_ends_with_the_memory_of_the_one_process_run(ray_session, cfg, l
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(ray_session, cfg, local_run, tmp_path):
     from sleep_ray.driver import run_on_ray
 
@@ -84,6 +86,7 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(ray_session, cfg, 
     assert len(summary["memory_versions"]) == 2
 
 
+@pytest.mark.slow
 def test_deepspeed_run_survives_a_scorer_and_a_rollout_dying_mid_dream(ray_session, cfg, local_run,
                                                                         tmp_path):
     """Ray restarts both (max_restarts); the driver's WorkerPool re-publishes to the scorer and

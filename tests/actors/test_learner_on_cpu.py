@@ -50,6 +50,7 @@ def _wake(ray, workers, batches):
     return losses, ray.get(workers[0].memory_state.remote()).memory
 
 
+@pytest.mark.slow
 def test_deepspeed_wake_steps_match_the_torch_path(ray_session):
     ray = ray_session
     cfg = _cfg()

@@ -115,6 +115,7 @@ def _qwen3_8b_memory():
     return load_config(str(QWEN3_8B_CONFIG)).memory
 
 
+@pytest.mark.slow
 def test_rollout_rows_quick_measure_both_backends_on_the_same_tokens():
     rows = rollout_rows(quick=True)
     assert "(tiny," in rows[0].name and "(small," in rows[1].name

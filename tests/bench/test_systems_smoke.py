@@ -88,6 +88,7 @@ def test_overhead_arithmetic_by_hand():
     assert D.overhead_fraction(bd, D.CYCLE_PHASES) == pytest.approx(11.0 / 22.5)
 
 
+@pytest.mark.slow
 def test_run_systems_quick(tmp_path):
     S.run_systems(tmp_path, quick=True)
     md = (tmp_path / "systems.md").read_text()

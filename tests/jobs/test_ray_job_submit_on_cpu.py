@@ -83,6 +83,7 @@ def ray_head(free_port):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_tiny_sleep_runs_as_a_ray_job(ray_head, tmp_path):
     address, env = ray_head
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("SLEEP_RAY_CACHE", "HF_HUB_OFFLINE")

@@ -33,6 +33,9 @@ MODEL = "sleep-ray"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+pytestmark = pytest.mark.slow  # one deployment for the module: minutes to start
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory, free_port):
     from ray import serve

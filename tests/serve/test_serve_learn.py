@@ -49,6 +49,9 @@ def facts(n: int, tag: str) -> list[dict]:
             for i in range(n)]
 
 
+pytestmark = pytest.mark.slow  # one deployment for the module: minutes to start
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory, free_port):
     from ray import serve
@@ -199,7 +202,10 @@ def test_100_concurrent_streams_while_a_sleep_publishes(server):
     """Waves of 100 concurrent streams, the first before anything is taught, the rest while the
     items that complete the next sleep window are learned: 0 errors, every stream's chunks carry
     one fingerprint, the old version and then the new one show up."""
-    old = f"memory-v{status(server)['version']}"
+    # The replica serves what the last sleep published (it reloads on a poll, so it may lag).
+    published = wait_for(lambda: status(server)["learning"]["last_sleep"]["version"], 5)
+    wait_for(lambda: fingerprint(server) == f"memory-v{published}", 120)
+    old = f"memory-v{published}"
     step = status(server)["learning"]["step"]
     # A first wave before teaching: on a fast machine the wake steps and the sleep can publish
     # before a wave started after the teach has sent its first chunk.
