@@ -27,13 +27,13 @@ demo: install
 	$(PY) jobs/tiny_sleep.py --output runs/demo
 
 test: install lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(PY) -m ruff check --select F,E9 --output-format concise sleep_ray tests benchmarks jobs tuning
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench-footprint: install
 	$(PY) benchmarks/memory_footprint.py

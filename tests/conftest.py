@@ -14,9 +14,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files holding a `slow` test first (their order kept, and the order inside each file):
-    under `pytest -n 2 --dist loadfile` (make test) the two workers then start on the long
-    end-to-end files and end on short ones, instead of one worker finishing a long file alone."""
+    """Files holding a `slow` test first (their order kept, and the order inside each file).
+    make test runs `pytest -n 2 --dist loadfile --no-loadscope-reorder` (without that last flag
+    xdist puts the files with the most tests first): the two workers start on the long end-to-end
+    files and end on short ones, instead of one worker finishing a long file alone."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
 
