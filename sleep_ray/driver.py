@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +50,7 @@ from sleep_ray.actors.placement import (
 from sleep_ray.actors.pool import Fanout, WorkerPool, actor_id
 from sleep_ray.actors.rollout import RolloutWorker
 from sleep_ray.actors.scorer import ScorerWorker
+from sleep_ray.algo.selection import mean_importance
 from sleep_ray.config import (
     SleepConfig,
     check_resume_config,
@@ -352,7 +352,7 @@ class SleepDriver:
             stats = self._learner_group(lambda w: w.learn_from_dreams.remote(kept, rewards))[0]
         return stats | {"dream/generated": float(len(dreams)), "dream/tau_base": base_tau,
                         "dream/tau_copy_mean": sum(taus) / len(taus),
-                        "dream/importance_mean": sum(scores) / len(scores) if scores else math.nan,
+                        "dream/importance_mean": mean_importance(scores),
                         "dream/seconds": time.perf_counter() - t0}
 
     def generate_dreams(self, context: list[int], seed: int) -> list:

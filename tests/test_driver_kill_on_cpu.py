@@ -1,9 +1,12 @@
 """Kill the Ray driver mid-sleep, resume it, and end with the memory of an uninterrupted run.
 
-Each run is `jobs/tiny_sleep.py --set run.engine=ray` in a subprocess of its own session, which
-starts its own local Ray (2 CPUs, no dashboard). The config is tests/test_driver_on_cpu.py's
-small one (sleeps at steps 4 and 8, each followed by a dream), with longer consolidations
-(`seeding.steps=12`) so that the second sleep lasts a second or two on a tiny model.
+The killed run is `jobs/tiny_sleep.py --set run.engine=ray` in a subprocess of its own session,
+which starts its own local Ray (2 CPUs, no dashboard); the resume is the same command. The config
+is tests/test_driver_on_cpu.py's small one (sleeps at steps 4 and 8, each followed by a dream) with
+one scorer and longer consolidations (`seeding.steps=12`), so that the second sleep lasts a second
+or two on a tiny model. The uninterrupted run is the one-process run of the same config on one
+torch thread, like every actor: tests/test_driver_on_cpu.py shows that a Ray run ends with its
+memory bit for bit, and it costs a fraction of a third Ray run.
 
 Mid-sleep, from the files the driver writes anyway: a checkpoint exists (the first one is written
 after the first sleep) and metrics.jsonl holds a consolidation row (`consolidate/source`) of a later step.
@@ -21,11 +24,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from sleep_ray.config import load_config
 from sleep_ray.model.state import read_memory_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +43,7 @@ OVERRIDES = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task
              "seeding.max_new_tokens=8", "seeding.group_size=2", "dreaming.num_dreams=4",
              "dreaming.top_k=1", "dreaming.num_random=1", "dreaming.max_new_tokens=8",
              "dreaming.inner_steps=2", "dreaming.tau_examples=4", "rollout.backend=hf",
-             "scorer.num_workers=2", "run.engine=ray",
+             "scorer.num_workers=1", "run.engine=ray",
              # seeding runs all its steps: a zero-initialised expert, no early stop
              "memory.expert_init=zero", "seeding.tolerance=0.0", "seeding.patience=100"]
 RUN_TIMEOUT = 300  # seconds per run (about 40 on 2 shared cores)
@@ -132,6 +137,19 @@ def _run(run_dir: Path, log: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def _one_process_run(run_dir: Path) -> dict:
+    """The same config run to its end in this process (`run.engine=local`), on one torch thread."""
+    from sleep_ray.sleep.run import run_from_config
+
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", OVERRIDES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_from_config(replace(cfg, run=replace(cfg.run, engine="local")), run_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _tail(log: Path, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
@@ -190,7 +208,7 @@ def test_kill_mid_sleep_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path
     assert not (killed / "summary.json").exists()
 
     resumed = _run(killed, tmp_path / "resumed.log")
-    expected = _run(uninterrupted, tmp_path / "uninterrupted.log")
+    expected = _one_process_run(uninterrupted)
 
     # It resumed: the rows up to the checkpoint are the killed run's own (wall times included).
     after = (killed / "metrics.jsonl").read_text().splitlines()

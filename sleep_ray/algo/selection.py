@@ -50,6 +50,13 @@ def random_selection(num_dreams: int, k: int, generator: torch.Generator) -> Ten
     return torch.randperm(num_dreams, generator=generator)[:k]
 
 
+def mean_importance(scores: Sequence[float] | Tensor | None) -> float:
+    """The logged mean importance of a dream phase (nan without scores), in float64 over the
+    scores in order: the one-process run and the Ray driver log the same number."""
+    values = scores.tolist() if isinstance(scores, Tensor) else list(scores or [])
+    return sum(values) / len(values) if values else float("nan")
+
+
 def tau_improvement_reward(score_copy: float, score_base: float, min_delta: float = 0.0) -> float:
     """1.0 if the dream's LoRA copy beats the unmodified model on tau by more than min_delta."""
     return 1.0 if score_copy > score_base + min_delta else 0.0

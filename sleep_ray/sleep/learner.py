@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sleep_ray.algo.cms import LevelOptimizer, make_optimizer
-from sleep_ray.algo.selection import random_selection, rest_em_filter, select_dreams
+from sleep_ray.algo.selection import mean_importance, random_selection, rest_em_filter, select_dreams
 from sleep_ray.config import SleepConfig
 from sleep_ray.data.collate import collate_examples, encode_pair
 from sleep_ray.eval.evaluate import heldout_score
@@ -816,7 +816,7 @@ class Learner:
         stats = self.learn_from_dreams(kept, rewards)
         return stats | {"dream/generated": float(len(dreams)), "dream/tau_base": base_tau,
                         "dream/tau_copy_mean": sum(taus) / len(taus),
-                        "dream/importance_mean": float(scores.mean()) if scores is not None else float("nan"),
+                        "dream/importance_mean": mean_importance(scores),
                         "dream/seconds": time.perf_counter() - t0}
 
     # ---------------------------------------------------------------- state

@@ -1,9 +1,11 @@
 """Dream selection, the tau reward and the ReST-EM filter against hand-worked values."""
 
+import math
+
 import pytest
 import torch
 
-from sleep_ray.algo.selection import (random_selection, rest_em_filter, select_dreams,
+from sleep_ray.algo.selection import (mean_importance, random_selection, rest_em_filter, select_dreams,
                                       tau_improvement_reward)
 
 SCORES = torch.tensor([0.3, 0.9, 0.1, 0.9, 0.5, 0.2])  # omega of 6 dreams
@@ -78,3 +80,12 @@ def test_tau_improvement_below_min_delta_earns_nothing():
     # 0.505 beats 0.5 by 0.005 < min_delta 0.01: no reward; by 0.125 (one of 8 examples): 1.
     assert tau_improvement_reward(0.505, 0.5, min_delta=0.01) == 0.0
     assert tau_improvement_reward(0.625, 0.5, min_delta=0.01) == 1.0
+
+
+def test_mean_importance_is_the_same_number_from_a_tensor_and_from_a_list():
+    scores = torch.tensor([0.1, 0.2, 0.7], dtype=torch.float32)
+    # float64 over the float32 values: what the Ray driver computes from the scorers' floats.
+    by_hand = (float(scores[0]) + float(scores[1]) + float(scores[2])) / 3
+    assert mean_importance(scores) == by_hand == mean_importance(scores.tolist())
+    assert mean_importance(scores) != float(scores.mean())  # the float32 mean it replaced
+    assert math.isnan(mean_importance(None)) and math.isnan(mean_importance([]))

@@ -103,6 +103,7 @@ def test_run_systems_quick(tmp_path):
     if importlib.util.find_spec("sleep_ray.bench.systems_rollout") is not None:
         failed = [r["limits"] for r in report["rows"] if "FAILED" in r["name"]]
         assert not failed, failed
+        _assert_rollout_rows([r for r in report["rows"] if r["index"] == 1])
     by_index = {r["index"]: r for r in report["rows"]}
     assert by_index[3]["details"]["config_m"]["max_abs_diff"] < 1e-5  # batched == loop norms
     assert by_index[4]["ours"] > 0 and by_index[4]["baseline"] > 0
@@ -112,3 +113,20 @@ def test_run_systems_quick(tmp_path):
     assert by_index[7]["details"]["result"]["max_abs_tau_diff"] < 1e-4  # batched == loop copies
     assert by_index[8]["details"]["wake_steps"] == by_index[8]["details"]["window"]  # one window
     assert by_index[8]["baseline"] > 0 and by_index[8]["ours"] > 0
+
+
+def _assert_rollout_rows(rows: list[dict]) -> None:
+    """Row 1 (quick): vLLM and HF timed on the same tokens, for the tiny and the small model."""
+    from sleep_ray.bench.systems_rollout import QUICK_SIZE
+
+    assert len(rows) == 2 and "(tiny," in rows[0]["name"] and "(small," in rows[1]["name"]
+    for row in rows:
+        d = row["details"]
+        assert row["unit"] == "tok/s" and row["goal"] == 5.0
+        assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+        # Greedy on the same float32 model: both backends return the same completions.
+        assert d["greedy_rows_equal"] == f"{QUICK_SIZE.prompts}/{QUICK_SIZE.prompts}"
+        assert d["hf_tokens"] == d["vllm_tokens"] > 0
+        assert row["baseline"] == pytest.approx(d["hf_tokens"] / d["hf_seconds"][0])
+        assert row["ours"] == pytest.approx(d["vllm_tokens"] / d["vllm_seconds"][0])
+    assert rows[1]["details"]["params"] > rows[0]["details"]["params"]

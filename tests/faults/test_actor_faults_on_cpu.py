@@ -210,32 +210,28 @@ def markers(folder: Path) -> set[str]:
 # ---------------------------------------------------------------------- the tests
 
 
-def test_a_rollout_worker_killed_mid_teacher_sampling_and_mid_dream(ray_local, cfg, reference,
-                                                                     tmp_path):
-    """Each lost call is resent to the restarted worker after it was re-published to (the
-    pool checks the version it then holds); the run ends with the uninterrupted run's memory."""
+def test_a_rollout_worker_and_a_scorer_killed_mid_call(ray_local, cfg, reference, tmp_path):
+    """One run, four deaths: the rollout worker in its first teacher sampling and in its first
+    dream generation, a scorer in an importance call and in a LoRA-reward call.
+
+    Rollout: each lost call is resent to the restarted worker after it was re-published to (the
+    pool checks the version it then holds). Scorer: the lost slice is scored again on the
+    restarted scorer, so every dream's importance and reward reaches the driver exactly once, in
+    order. The run ends with the uninterrupted run's memory."""
     faults = tmp_path / "faults"
     faults.mkdir()
-    driver_class = faulty_driver(rollout_class=dying_rollout(faults))
-    summary, recoveries, _ = run_with(driver_class, cfg, tmp_path / "run")
-    assert markers(faults) == {"rollout-generate", "rollout-dreams"}  # both deaths happened
-    # Both at the first sleep (step 4): the teacher samples of 1 -> 2, then the dreams; each
-    # resent to the restarted rollout-0 at the version published for that phase.
-    assert [(r.role, r.lost, r.resent_to) for r in recoveries] == [("rollout", "rollout-0", "rollout-0")] * 2
-    assert recoveries[0].version >= 1 and recoveries[1].version >= recoveries[0].version
-    assert_same_run(tmp_path / "run", summary, reference)
-
-
-def test_a_scorer_killed_mid_importance_and_mid_reward(ray_local, cfg, reference, tmp_path):
-    """The lost slice is scored again on the restarted scorer: every dream's importance and
-    reward reaches the driver exactly once, in order, and the run ends with the reference memory."""
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    driver_class = faulty_driver(scorer_class=dying_scorer(faults))
+    driver_class = faulty_driver(rollout_class=dying_rollout(faults), scorer_class=dying_scorer(faults))
     summary, recoveries, driver = run_with(driver_class, cfg, tmp_path / "run")
-    assert markers(faults) == {"scorer-importance", "scorer-rewards"}
-    assert [r.role for r in recoveries] == ["scorer", "scorer"]
-    assert all(r.lost == r.resent_to for r in recoveries)  # restarted, not dropped
+    assert markers(faults) == {"rollout-generate", "rollout-dreams", "scorer-importance", "scorer-rewards"}
+    # Rollout: both at the first sleep (step 4), the teacher samples of 1 -> 2, then the dreams;
+    # each resent to the restarted rollout-0 at the version published for that phase.
+    rollout = [r for r in recoveries if r.role == "rollout"]
+    assert [(r.lost, r.resent_to) for r in rollout] == [("rollout-0", "rollout-0")] * 2
+    assert rollout[0].version >= 1 and rollout[1].version >= rollout[0].version
+    # Scorer: restarted, not dropped.
+    scorer = [r for r in recoveries if r.role == "scorer"]
+    assert len(scorer) == 2 and all(r.lost == r.resent_to for r in scorer)
+    assert len(recoveries) == 4
     # No dream scored twice or skipped: one score per dream, and the results delivered to the
     # driver name every dream of every phase exactly once.
     assert len(driver.scored) == len(driver.rewarded) == 2  # two dream phases
