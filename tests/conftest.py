@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -66,3 +67,23 @@ def tiny_cfg():
 
     return load_config(None, ["memory.capacity=[1, 3, 2]", "memory.top_k=[1, 1, 1]",
                               "schedule.chunk_sizes=[1, 4, 8]", "schedule.windows=[4, 8, 0]"])
+
+
+@pytest.fixture(scope="session")
+def one_process_run():
+    """Call it to run a Ray config to its end in this process instead (`run.engine=local`), on one
+    torch thread like every actor: `summary = one_process_run(cfg, out_dir)`. The Ray tests take it
+    as their reference; with equal thread counts the two runs end bit for bit alike."""
+    import torch
+
+    from sleep_ray.sleep.run import run_from_config
+
+    def run(cfg, out):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_from_config(replace(cfg, run=replace(cfg.run, engine="local")), out)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -137,19 +136,6 @@ def _run(run_dir: Path, log: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _one_process_run(run_dir: Path) -> dict:
-    """The same config run to its end in this process (`run.engine=local`), on one torch thread."""
-    from sleep_ray.sleep.run import run_from_config
-
-    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", OVERRIDES)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_from_config(replace(cfg, run=replace(cfg.run, engine="local")), run_dir)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _tail(log: Path, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
@@ -194,7 +180,7 @@ def _kill_mid_sleep(run_dir: Path, log: Path) -> int:
     return asleep[0]
 
 
-def test_kill_mid_sleep_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+def test_kill_mid_sleep_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path, one_process_run):
     killed, uninterrupted = tmp_path / "killed", tmp_path / "uninterrupted"
 
     step = _kill_mid_sleep(killed, tmp_path / "killed.log")
@@ -208,7 +194,8 @@ def test_kill_mid_sleep_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path
     assert not (killed / "summary.json").exists()
 
     resumed = _run(killed, tmp_path / "resumed.log")
-    expected = _one_process_run(uninterrupted)
+    expected = one_process_run(load_config(REPO / "jobs" / "configs" / "tiny.yaml", OVERRIDES),
+                               uninterrupted)
 
     # It resumed: the rows up to the checkpoint are the killed run's own (wall times included).
     after = (killed / "metrics.jsonl").read_text().splitlines()

@@ -34,18 +34,10 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def local_run(cfg, tmp_path_factory):
-    """The one-process reference (`run_from_config`) on one torch thread, like the actors."""
-    from sleep_ray.sleep.run import run_from_config
-
+def local_run(cfg, one_process_run, tmp_path_factory):
+    """The one-process reference, on one torch thread like the actors."""
     out = tmp_path_factory.mktemp("local")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = run_from_config(replace(cfg, run=replace(cfg.run, engine="local")), out)
-    finally:
-        torch.set_num_threads(threads)
-    return summary, read_memory_state(out / "memory.safetensors")
+    return one_process_run(cfg, out), read_memory_state(out / "memory.safetensors")
 
 
 def assert_same_memory(a, b) -> None:

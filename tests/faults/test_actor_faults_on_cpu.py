@@ -55,18 +55,10 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def reference(cfg, tmp_path_factory):
+def reference(cfg, one_process_run, tmp_path_factory):
     """The uninterrupted run: the one-process reference on one torch thread, like the actors."""
-    from sleep_ray.sleep.run import run_from_config
-
     out = tmp_path_factory.mktemp("reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = run_from_config(replace(cfg, run=replace(cfg.run, engine="local")), out)
-    finally:
-        torch.set_num_threads(threads)
-    return summary, read_memory_state(out / "memory.safetensors")
+    return one_process_run(cfg, out), read_memory_state(out / "memory.safetensors")
 
 
 def assert_same_run(run_dir: Path, summary: dict, reference) -> None:
