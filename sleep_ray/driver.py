@@ -141,25 +141,33 @@ class SleepDriver:
     # ------------------------------------------------------------------ actors
 
     def _start_workers(self) -> None:
-        """The learner group first (it builds and caches the pretrained tiny base), then the
-        rollout and scorer pools, all from one placement plan."""
+        """The learner group and the rollout and scorer pools, all from one placement plan, started
+        side by side: every actor builds its model at once (a tiny base is pretrained once, by
+        whichever process gets there first, while the others wait on its cache lock)."""
         cfg = self.cfg
         plan = placement_plan(cfg, ray.cluster_resources().get("CPU"))
         self.pg = make_placement_group(plan)
         self.actor_opts = {s.name: actor_options(s, i, self.pg) for i, s in enumerate(plan)}
-        self.learners = self._start_learners()
-        self.rollouts, self.scorers = self._start_pools()
+        learners, (rollouts, scorers) = self._spawn_learners(), self._spawn_pools()
+        self.learners = self._join_learners(learners)
+        self.rollouts, self.scorers = self._join_pools(rollouts, scorers)
         # vLLM does not carry the dreamer LoRA yet: dreams come from the learner then.
         self.dreams_on_learner = (cfg.rollout.backend == "vllm" and cfg.dreaming.enabled
                                   and cfg.dreaming.dreamer)
 
     def _start_learners(self) -> list:
         """A learner group at the run's start state (joined into one DeepSpeed group if so set)."""
+        return self._join_learners(self._spawn_learners())
+
+    def _spawn_learners(self) -> list:
         cfg, world = self.cfg, self.cfg.learner.num_workers
-        learners = [ray.remote(self.learner_class).options(**self.actor_opts[f"learner-{r}"])
-                    .remote(cfg, r, world) for r in range(world)]
+        return [ray.remote(self.learner_class).options(**self.actor_opts[f"learner-{r}"])
+                .remote(cfg, r, world) for r in range(world)]
+
+    def _join_learners(self, learners: list) -> list:
+        """Wait until every learner has built its model; then the DeepSpeed rendezvous, if any."""
         ray.get([w.version.remote() for w in learners])
-        if cfg.learner.backend == "deepspeed":
+        if self.cfg.learner.backend == "deepspeed":
             addresses = ray.get([w.rendezvous.remote() for w in learners])
             same_node = len({a for a, _ in addresses}) == 1
             addr, port = ("127.0.0.1" if same_node else addresses[0][0]), addresses[0][1]
@@ -168,11 +176,17 @@ class SleepDriver:
 
     def _start_pools(self) -> tuple[WorkerPool, WorkerPool]:
         """The rollout and scorer pools, at the memory they were built with (version 0)."""
+        return self._join_pools(*self._spawn_pools())
+
+    def _spawn_pools(self) -> tuple[list, list]:
         cfg, opts = self.cfg, self.actor_opts
         rollouts = [ray.remote(self.rollout_class).options(**opts[f"rollout-{r}"]).remote(cfg)
                     for r in range(cfg.rollout.num_workers)]
         scorers = [ray.remote(self.scorer_class).options(**opts[f"scorer-{r}"]).remote(cfg)
                    for r in range(cfg.scorer.num_workers)]
+        return rollouts, scorers
+
+    def _join_pools(self, rollouts: list, scorers: list) -> tuple[WorkerPool, WorkerPool]:
         ray.get([w.memory_version.remote() for w in rollouts + scorers])
         return WorkerPool("rollout", rollouts, self.faults), WorkerPool("scorer", scorers, self.faults)
 

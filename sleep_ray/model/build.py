@@ -218,15 +218,21 @@ def resolve_backbone(cfg: ModelConfig) -> str:
     if gguf is None:
         return cfg.name_or_path
     folder = converted_folder(gguf)
-    if not (folder / "config.json").is_file():
+    build_once(folder, "config.json", lambda out: convert_gguf(gguf, out))
+    return str(folder)
+
+
+def build_once(folder: Path, done: str, build) -> Path:
+    """`folder`, built by `build(folder)` unless it holds `done` already. One build per machine:
+    processes starting together (a Ray driver's learners and rollout workers) wait on a lock file
+    beside `folder` for the first instead of building the same folder side by side."""
+    if not (folder / done).is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        # One conversion per machine: processes starting together (a Ray driver's learners and
-        # rollout workers) wait for the first instead of converting the same file side by side.
         with open(folder.parent / f"{folder.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (folder / "config.json").is_file():
-                convert_gguf(gguf, folder)
-    return str(folder)
+            if not (folder / done).is_file():
+                build(folder)
+    return folder
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:

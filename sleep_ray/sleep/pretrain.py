@@ -25,7 +25,7 @@ from sleep_ray.config import ModelConfig, SleepConfig
 from sleep_ray.data.clinc150 import default_clinc150_root
 from sleep_ray.data.collate import collate_pairs
 from sleep_ray.data.corpus import corpus_hash, pretraining_corpus
-from sleep_ray.model.build import build_model, build_tokenizer, load_backbone
+from sleep_ray.model.build import build_model, build_once, build_tokenizer, load_backbone
 from sleep_ray.model.tokenizer import default_cache_dir
 from sleep_ray.sleep.generation import bos_id
 
@@ -92,11 +92,11 @@ def tiny_base(cfg: ModelConfig) -> Path | None:
     if cfg.name_or_path != "tiny" or cfg.pretrain_steps <= 0:
         return None
     lines = base_corpus_lines(cfg)
-    folder = default_cache_dir() / "bases" / base_key(cfg, lines)
-    if not (folder / "model.safetensors").exists():
+    def build(folder: Path) -> None:
         log.info("pretraining the tiny base (%d steps, once per config) into %s", cfg.pretrain_steps, folder)
         pretrain(cfg, lines, folder)
-    return folder
+
+    return build_once(default_cache_dir() / "bases" / base_key(cfg, lines), "model.safetensors", build)
 
 
 def build_sleep_model(cfg: SleepConfig):

@@ -81,3 +81,32 @@ def test_import_sleep_ray_imports_no_heavy_dependency():
             "print(sorted(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_build_once_builds_a_folder_once_for_processes_starting_together(tmp_path):
+    """Two callers at once (separate lock-file opens, as two processes would have): one builds,
+    the other waits on the lock and finds the folder done."""
+    import threading
+    import time
+
+    from sleep_ray.model.build import build_once
+
+    built, started = [], threading.Barrier(2)
+
+    def build(folder):
+        built.append(folder)
+        time.sleep(0.3)  # the other caller reaches the lock meanwhile
+        folder.mkdir()
+        (folder / "done").write_text("x")
+
+    def call():
+        started.wait()
+        build_once(tmp_path / "base", "done", build)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [tmp_path / "base"] and (tmp_path / "base" / "done").is_file()
+    assert build_once(tmp_path / "base", "done", build) == tmp_path / "base" and len(built) == 1

@@ -2,9 +2,9 @@
 (starting its vLLM engine costs ~30 s on two cores), driven with the official `openai` client.
 
 The tests run in file order on the one deployment: answers and streams, bad requests, 200
-concurrent requests (benchmarks/serve_load.py), a hot reload under traffic, and last the replica
-kill (Serve replaces the replica; requests in flight on the killed one may fail, and the test's
-client retries until the new replica answers)."""
+concurrent requests (benchmarks/serve_load.py), and a hot reload under traffic. (A killed replica
+is replaced and answers from the newest memory: tests/serve/test_serve_learn.py kills both of its
+replicas.)"""
 
 from __future__ import annotations
 
@@ -288,46 +288,3 @@ def test_hot_reload_under_traffic_drops_nothing(server):
     version = httpx.get(f"{server.base}/v1/sleep/version", headers=AUTH, timeout=30).json()
     assert version["version"] == 2 and version["source"].endswith("memory.safetensors")
     assert server.client.models.list().data[0].model_extra["memory_version"] == 2
-
-
-def _replicas() -> list[str]:
-    import ray
-
-    from sleep_ray.serve import APP_NAME, DEPLOYMENT_NAME
-
-    prefix = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(prefix))
-
-
-def test_a_killed_replica_is_replaced(server):
-    import ray
-
-    before = _replicas()
-    assert len(before) == 1
-    in_flight = []  # outcomes of requests sent around the kill: they may fail
-
-    def ask():
-        try:
-            in_flight.append(server.client.completions.create(model=MODEL, prompt="hi", max_tokens=8))
-        except openai.OpenAIError as e:
-            in_flight.append(e)
-
-    threads = [threading.Thread(target=ask) for _ in range(4)]
-    for t in threads:
-        t.start()
-    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=False)
-    for t in threads:
-        t.join()
-    assert len(in_flight) == 4
-    answer, deadline = None, time.monotonic() + 180
-    while answer is None and time.monotonic() < deadline:  # the client's retry loop
-        try:
-            answer = server.client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
-        except (openai.APIStatusError, openai.APIConnectionError, openai.APITimeoutError):
-            time.sleep(1)
-    assert answer is not None and answer.choices[0].finish_reason in ("length", "stop")
-    after = _replicas()
-    assert len(after) == 1 and after != before
-    # the new replica starts from the run's newest memory
-    assert answer.system_fingerprint == "memory-v2"

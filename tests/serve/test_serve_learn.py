@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -86,7 +87,7 @@ def wait_for(check, timeout_s: float, every_s: float = 0.3):
             value = check()
             if value:
                 return value
-        except (httpx.HTTPError, ValueError, KeyError) as e:
+        except (httpx.HTTPError, openai.OpenAIError, ValueError, KeyError) as e:
             last = e
         time.sleep(every_s)
     raise AssertionError(f"not within {timeout_s} s (last error: {last!r})")
@@ -279,15 +280,34 @@ def test_a_kill_after_acknowledging_loses_nothing_and_uses_nothing_twice(server)
 
     from sleep_ray.serve import DEPLOYMENT_NAME, LEARNER_NAME
 
-    before = _wake_rows(server.run_dir)
+    before, served = _wake_rows(server.run_dir), status(server)["version"]
     learner, llm = _replica(LEARNER_NAME), _replica(DEPLOYMENT_NAME)
     assert learner and llm
     acked = teach(server, facts(8, "krill"), key="kill-1")
+    in_flight = []  # completions sent around the kill: each ends (answered or failed), none hangs
+
+    def ask():
+        try:
+            in_flight.append(server.client.completions.create(model=MODEL, prompt="hi", max_tokens=8))
+        except openai.OpenAIError as e:
+            in_flight.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
     for name in (learner, llm):
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    for t in threads:
+        t.join()
+    assert len(in_flight) == 4
     wait_for(lambda: _replica(LEARNER_NAME) not in (None, learner)
              and _replica(DEPLOYMENT_NAME) not in (None, llm), 300)
     wait_for(lambda: status(server).get("learning"), 300, 1.0)  # both replicas up again
+    # The new completion replica answers (the client's retry loop), from the newest memory: the
+    # version served before the kill or a later one, never the run's first.
+    answer = wait_for(lambda: server.client.completions.create(model=MODEL, prompt="hi", max_tokens=4), 180, 1.0)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert int(answer.system_fingerprint.removeprefix("memory-v")) >= served > 0
     wait_for(lambda: {item(server, i)["state"] for i in acked} == {"consolidated"}, 600, 1.0)
     assert teach(server, facts(8, "krill"), key="kill-1") == acked  # the client's retry: no copy
     items = _store_items(server)
