@@ -91,6 +91,12 @@ class LearnerWorker:
                           RANK=str(self.rank), WORLD_SIZE=str(self.world),
                           LOCAL_RANK="0")  # Ray gives each actor its own device(s): index 0
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            # On CPU, DeepSpeed's comm backend builds a shared-memory op with g++ (a minute or
+            # more, redone whenever processes with other build flags share the cache) that only
+            # its inference all-reduce uses; training's all-reduce is torch.distributed's. Marked
+            # incompatible here, it is not built.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         level = min(self.learner.levels)
         params = [p for opt in self.learner.levels.values() for p in opt.params.values()]

@@ -77,16 +77,23 @@ ROW_GROUPS = (
 )
 
 
-def _rollout_rows(quick: bool) -> list[Row]:
-    from sleep_ray.bench.systems_rollout import rollout_rows  # another module: imported late
+class _VllmRows:
+    """Rows 1 and 2 time the same ~100M model on vLLM: when both are selected, row 2's seconds
+    are measured on row 1's engine (one vLLM start fewer); row 2 alone starts its own."""
 
-    return rollout_rows(quick)
+    def __init__(self, quick: bool, keys: Sequence[str]):
+        self.quick, self.both, self.timed = quick, {"rollout", "publish"} <= set(keys), None
 
+    def rollout(self) -> list[Row]:
+        from sleep_ray.bench.systems_rollout import rollout_rows  # another module: imported late
 
-def _publish_rows(quick: bool) -> list[Row]:
-    from sleep_ray.bench.systems_rollout import publish_rows
+        rows, self.timed = rollout_rows(self.quick, publish=self.both)
+        return rows
 
-    return publish_rows(quick)
+    def publish(self) -> list[Row]:
+        from sleep_ray.bench.systems_rollout import publish_rows
+
+        return publish_rows(self.quick, timed=self.timed)
 
 
 def failed_row(group: RowGroup, error: BaseException) -> Row:
@@ -108,9 +115,12 @@ class _RayRunCache:
         return self.run
 
 
-def row_functions(quick: bool, workdir: Path, profile: bool = False) -> dict[str, Callable[[], list[Row]]]:
-    cache = _RayRunCache(quick, workdir, profile)
-    return {"rollout": lambda: _rollout_rows(quick), "publish": lambda: _publish_rows(quick),
+def row_functions(quick: bool, workdir: Path, profile: bool = False,
+                  keys: Sequence[str] = ()) -> dict[str, Callable[[], list[Row]]]:
+    """Each row group's function; `keys`, the groups that will run (rows 1 and 2 share an engine
+    when both do)."""
+    cache, vllm = _RayRunCache(quick, workdir, profile), _VllmRows(quick, keys)
+    return {"rollout": vllm.rollout, "publish": vllm.publish,
             "importance": lambda: importance_rows(quick, profile), "seeding": lambda: seeding_rows(quick),
             "overhead": lambda: [overhead_row(cache.get())],
             "memory": lambda: [memory_row(cache.get())], "rewards": lambda: rewards_rows(quick),
@@ -120,7 +130,7 @@ def row_functions(quick: bool, workdir: Path, profile: bool = False) -> dict[str
 def run_rows(keys: Sequence[str], quick: bool, workdir: Path,
              profile: bool = False) -> list[tuple[RowGroup, Row, float]]:
     """(group, row, seconds the group took) for every selected group, in the issue's order."""
-    fns = row_functions(quick, workdir, profile)
+    fns = row_functions(quick, workdir, profile, keys)
     out = []
     for group in ROW_GROUPS:
         if group.key not in keys:

@@ -9,7 +9,8 @@ Qwen3 (a small one under `quick`).
 Row 2 (`publish_rows`): publishing one new memory version into a running vLLM engine
 (`VLLMEngine.load_memory`) against reloading every weight of the same engine from its checkpoint
 folder (`VLLMEngine.reload_weights`), in seconds on the ~100M model; and the bytes each moves for
-Qwen3-8B's shape, computed on the meta device (`model/footprint.py`).
+Qwen3-8B's shape, computed on the meta device (`model/footprint.py`). When both rows run, row 2
+is timed on row 1's engine of the ~100M model, after row 1's timing (one vLLM start fewer).
 
 Every number is a median over `reps` timed calls after one untimed warm-up (`rows.median_seconds`).
 
@@ -146,8 +147,11 @@ def actor_threads():
         torch.set_num_threads(before)
 
 
-def rollout_row(label: str, cfg: SleepConfig, size: RolloutSize, workdir: Path) -> Row:
-    """Row 1 for one model: HF generate first (the vLLM engine not yet started), then vLLM."""
+def rollout_row(label: str, cfg: SleepConfig, size: RolloutSize, workdir: Path,
+                publish_reps: int = 0) -> tuple[Row, Row | None]:
+    """Row 1 for one model: HF generate first (the vLLM engine not yet started), then vLLM. With
+    `publish_reps`, row 2's timed row too, on the same running engine after the rollout timing
+    (one vLLM start fewer than `publish_time_row`, ~30 s on two cores); else None."""
     from sleep_ray.actors.rollout import HF_BATCH_SIZE
     from sleep_ray.engines.hf import HFEngine
 
@@ -158,10 +162,13 @@ def rollout_row(label: str, cfg: SleepConfig, size: RolloutSize, workdir: Path) 
     with actor_threads() as hf_threads:
         hf = HFEngine(model, tok, batch_size=HF_BATCH_SIZE)
         hf_tps, hf_out, hf_samples = tokens_per_second(hf, prompts, size)
+    publishing = _PublishInputs.of(model, tok, workdir, publish_reps) if publish_reps else None
     del model
-    engine = _start_vllm(cfg, workdir / label, size.max_model_len)
+    max_model_len = max(size.max_model_len, PUBLISH_MAX_MODEL_LEN if publishing else 0)
+    engine = _start_vllm(cfg, workdir / label, max_model_len)
     try:
         vllm_tps, vllm_out, vllm_samples = tokens_per_second(engine, prompts, size)
+        published = publishing.time_on(engine, workdir / label, label, total) if publishing else None
     finally:
         engine.close()
     same = sum(a == b for a, b in zip(hf_out, vllm_out))
@@ -178,18 +185,24 @@ def rollout_row(label: str, cfg: SleepConfig, size: RolloutSize, workdir: Path) 
                      reps=size.reps, hf_seconds=hf_samples, vllm_seconds=vllm_samples,
                      hf_tokens=sum(map(len, hf_out)), vllm_tokens=sum(map(len, vllm_out)),
                      greedy_rows_equal=f"{same}/{len(prompts)}",
-                     hf_torch_threads=hf_threads))
+                     hf_torch_threads=hf_threads)), published
 
 
-def rollout_rows(quick: bool) -> list[Row]:
-    """Row 1: the tiny default model, and the ~100M Qwen3 (a small one when `quick`)."""
+def rollout_rows(quick: bool, publish: bool = False) -> tuple[list[Row], Row | None]:
+    """Row 1: the tiny default model, and the ~100M Qwen3 (a small one when `quick`). With
+    `publish`, row 2's timed row too, on the second model's engine (row 2's model: `publish_rows`)."""
     if quick:
         runs = [("tiny", [], QUICK_SIZE), ("small", QWEN3_SMALL, QUICK_SIZE)]
     else:
         runs = [("tiny", [], FULL_SIZE), ("qwen3-100m", QWEN3_100M, FULL_SIZE_100M)]
+    rows, published = [], None
     with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_rollout_") as tmp:
-        return [rollout_row(label, model_config(overrides), size, Path(tmp))
-                for label, overrides, size in runs]
+        for i, (label, overrides, size) in enumerate(runs):
+            reps = publish_reps(quick) if publish and i == len(runs) - 1 else 0
+            row, timed = rollout_row(label, model_config(overrides), size, Path(tmp), reps)
+            rows.append(row)
+            published = timed or published
+    return rows, published
 
 
 # ---------------------------------------------------------------------------------- row 2
@@ -232,35 +245,64 @@ def publish_vs_reload(engine, folder: Path, states: list, prompts: list[list[int
                 version=engine.memory_version())
 
 
-def publish_time_row(label: str, cfg: SleepConfig, reps: int, workdir: Path) -> Row:
-    from sleep_ray.model.state import save_memory_state
+# Row 2's engine serves its 4 prompts of up to 12 tokens and 8 new tokens.
+PUBLISH_MAX_MODEL_LEN = 64
 
+
+def publish_reps(quick: bool) -> int:
+    return 1 if quick else 3
+
+
+@dataclass(frozen=True)
+class _PublishInputs:
+    """What row 2 times on a running engine: `reps + 1` new memory versions of the model (warm-up
+    included), the bytes of one as a file, and 4 prompts."""
+
+    states: list
+    state_bytes: int
+    prompts: list[list[int]]
+    reps: int
+
+    @classmethod
+    def of(cls, model, tok, workdir: Path, reps: int) -> _PublishInputs:
+        from sleep_ray.model.state import save_memory_state
+
+        states = [new_memory_version(model, v, seed=v) for v in range(1, reps + 2)]
+        state_bytes = save_memory_state(states[0], workdir / "one_state.safetensors").stat().st_size
+        prompts = bench_prompts(len(tok), set(tok.all_special_ids), QUICK_SIZE)[:4]
+        return cls(states, state_bytes, prompts, reps)
+
+    def time_on(self, engine, folder: Path, label: str, params: int) -> Row:
+        """Row 2's timed row: `engine` runs the weights saved in `folder`, at memory version 0."""
+        m = publish_vs_reload(engine, folder, self.states, self.prompts, self.reps)
+        print(f"[systems] publish {label}: reload {m['reload_s']:.3f}s ({m['reload_bytes'] / 2**20:.0f} "
+              f"MiB), publish {m['publish_s']:.4f}s ({self.state_bytes / 2**20:.1f} MiB)")
+        return Row(
+            name=f"publish one memory version vs full-weight reload, seconds ({label}, "
+                 f"{params / 1e6:.1f}M params)",
+            baseline_label="VLLMEngine.reload_weights (all safetensors)", baseline=m["reload_s"],
+            ours_label="VLLMEngine.load_memory (one MemoryState)", ours=m["publish_s"], unit="s",
+            ratio=m["reload_s"] / m["publish_s"], goal=20.0,
+            limits=("the reload reads the checkpoint from the page cache (a real sync moves it over "
+                    "a network); the publish is a packed write, an RPC (~1.3 ms round trip) and one "
+                    "copy per dtype, fixed costs that a state of ~2% of the model does not amortize"),
+            details=dict(params=params, reps=self.reps, reload_seconds=m["reload_samples"],
+                         publish_seconds=m["publish_samples"], reload_bytes=m["reload_bytes"],
+                         memory_state_file_bytes=self.state_bytes, final_version=m["version"]))
+
+
+def publish_time_row(label: str, cfg: SleepConfig, reps: int, workdir: Path) -> Row:
+    """Row 2's timed row on an engine of its own (row 1 not run)."""
     folder = workdir / label
     model, tok = _build_and_save(cfg, folder)
     total, _ = count_params(model)
-    states = [new_memory_version(model, v, seed=v) for v in range(1, reps + 2)]
-    state_bytes = save_memory_state(states[0], workdir / "one_state.safetensors").stat().st_size
-    prompts = bench_prompts(len(tok), set(tok.all_special_ids), QUICK_SIZE)[:4]
+    publishing = _PublishInputs.of(model, tok, workdir, reps)
     del model
-    engine = _start_vllm(cfg, folder, max_model_len=64)
+    engine = _start_vllm(cfg, folder, max_model_len=PUBLISH_MAX_MODEL_LEN)
     try:
-        m = publish_vs_reload(engine, folder, states, prompts, reps)
+        return publishing.time_on(engine, folder, label, total)
     finally:
         engine.close()
-    print(f"[systems] publish {label}: reload {m['reload_s']:.3f}s ({m['reload_bytes'] / 2**20:.0f} "
-          f"MiB), publish {m['publish_s']:.4f}s ({state_bytes / 2**20:.1f} MiB)")
-    return Row(
-        name=f"publish one memory version vs full-weight reload, seconds ({label}, "
-             f"{total / 1e6:.1f}M params)",
-        baseline_label="VLLMEngine.reload_weights (all safetensors)", baseline=m["reload_s"],
-        ours_label="VLLMEngine.load_memory (one MemoryState)", ours=m["publish_s"], unit="s",
-        ratio=m["reload_s"] / m["publish_s"], goal=20.0,
-        limits=("the reload reads the checkpoint from the page cache (a real sync moves it over "
-                "a network); the publish is a packed write, an RPC (~1.3 ms round trip) and one "
-                "copy per dtype, fixed costs that a state of ~2% of the model does not amortize"),
-        details=dict(params=total, reps=reps, reload_seconds=m["reload_samples"],
-                     publish_seconds=m["publish_samples"], reload_bytes=m["reload_bytes"],
-                     memory_state_file_bytes=state_bytes, final_version=m["version"]))
 
 
 def qwen3_8b_footprint():
@@ -287,9 +329,11 @@ def publish_bytes_row() -> Row:
                      memory_layers=f.memory_layers, expert_bytes=f.expert_bytes))
 
 
-def publish_rows(quick: bool) -> list[Row]:
-    """Row 2: seconds on the ~100M model (a small one when `quick`), bytes for Qwen3-8B."""
-    label, overrides = ("small", QWEN3_SMALL) if quick else ("qwen3-100m", QWEN3_100M)
-    with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_publish_") as tmp:
-        timed = publish_time_row(label, model_config(overrides), 1 if quick else 3, Path(tmp))
+def publish_rows(quick: bool, timed: Row | None = None) -> list[Row]:
+    """Row 2: seconds on the ~100M model (a small one when `quick`), bytes for Qwen3-8B. `timed`:
+    the seconds row already measured on row 1's engine of the same model (`rollout_rows`)."""
+    if timed is None:
+        label, overrides = ("small", QWEN3_SMALL) if quick else ("qwen3-100m", QWEN3_100M)
+        with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_publish_") as tmp:
+            timed = publish_time_row(label, model_config(overrides), publish_reps(quick), Path(tmp))
     return [timed, publish_bytes_row()]

@@ -5,9 +5,10 @@ actors), driven over HTTP with httpx and the openai client.
 The tests run in file order on the one deployment: the learn routes' refusals; withdrawing; the
 pipeline (items consumed, a scheduled sleep, a new version served with its fingerprint); an idle
 sleep; 100 concurrent streams while a sleep publishes a version; a rollback; a kill of both
-replicas right after a batch is acknowledged (nothing lost, nothing used twice, resumed from the
-newest checkpoint); and last the rate limit. Schedule: batches of 4, level 1 updates every step,
-sleeps (1 -> 2) every 4 wake steps; no learning threshold is asserted on the tiny model."""
+replicas with a batch woken on since the newest checkpoint and items just acknowledged (nothing
+lost, nothing used twice, resumed from the newest checkpoint); and last the rate limit.
+Schedule: batches of 4, level 1 updates every step, sleeps (1 -> 2) every 4 wake steps; no
+learning threshold is asserted on the tiny model."""
 
 from __future__ import annotations
 
@@ -275,16 +276,27 @@ def _wake_rows(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["serve/items"] for r in rows if "serve/items" in r}
 
 
-def test_a_kill_after_acknowledging_loses_nothing_and_uses_nothing_twice(server):
+def test_killed_replicas_lose_no_item_and_use_none_twice(server):
+    """Both replicas are killed (the learner's and the completion one) with items in two states:
+    a batch woken on but in no checkpoint (the sleep that would consolidate it has not come), and
+    8 items acknowledged a moment before the kill. The new learner replica resumes from the newest
+    checkpoint, queues the woken batch again (and any of the 8 it woke on before dying), and wakes
+    on every item exactly once, in the step its lineage says; the client's retry of the 8 stores
+    nothing. Completions in flight end (answered or failed); the new completion replica answers
+    from the newest memory."""
     import ray
 
     from sleep_ray.serve import DEPLOYMENT_NAME, LEARNER_NAME
 
+    step = status(server)["learning"]["step"]
+    assert (step + 1) % 4 != 0  # the coming step is no scheduled sleep (windows [4, 8, 0])
     before, served = _wake_rows(server.run_dir), status(server)["version"]
     learner, llm = _replica(LEARNER_NAME), _replica(DEPLOYMENT_NAME)
     assert learner and llm
+    woken = teach(server, facts(4, "shrimp"))  # one batch: wake step `step + 1`, no checkpoint
+    wait_for(lambda: {item(server, i)["state"] for i in woken} == {"woken"}, 120, 0.2)
     acked = teach(server, facts(8, "krill"), key="kill-1")
-    in_flight = []  # completions sent around the kill: each ends (answered or failed), none hangs
+    in_flight = []
 
     def ask():
         try:
@@ -302,16 +314,20 @@ def test_a_kill_after_acknowledging_loses_nothing_and_uses_nothing_twice(server)
     assert len(in_flight) == 4
     wait_for(lambda: _replica(LEARNER_NAME) not in (None, learner)
              and _replica(DEPLOYMENT_NAME) not in (None, llm), 300)
-    wait_for(lambda: status(server).get("learning"), 300, 1.0)  # both replicas up again
+    resumed = wait_for(lambda: status(server)["learning"]["resumed"], 300, 1.0)
+    assert resumed["step"] == step and resumed["requeued"] in (4, 8, 12)
     # The new completion replica answers (the client's retry loop), from the newest memory: the
     # version served before the kill or a later one, never the run's first.
-    answer = wait_for(lambda: server.client.completions.create(model=MODEL, prompt="hi", max_tokens=4), 180, 1.0)
+    answer = wait_for(lambda: server.client.completions.create(model=MODEL, prompt="hi", max_tokens=4),
+                      180, 1.0)
     assert answer.choices[0].finish_reason in ("length", "stop")
     assert int(answer.system_fingerprint.removeprefix("memory-v")) >= served > 0
-    wait_for(lambda: {item(server, i)["state"] for i in acked} == {"consolidated"}, 600, 1.0)
+    wait_for(lambda: {item(server, i)["state"] for i in woken + acked} == {"consolidated"}, 600, 1.0)
     assert teach(server, facts(8, "krill"), key="kill-1") == acked  # the client's retry: no copy
     items = _store_items(server)
     assert sum(i["id"] in acked for i in items) == 8
+    # The requeued batch is woken on first, in the step it had.
+    assert [i["woken_step"] for i in items if i["id"] in woken] == [step + 1] * 4
     after = _wake_rows(server.run_dir)
     # resumed from the newest checkpoint: the lineage before the kill is kept as it was ...
     assert {s: n for s, n in after.items() if s in before} == before
@@ -321,31 +337,7 @@ def test_a_kill_after_acknowledging_loses_nothing_and_uses_nothing_twice(server)
     for i in in_memory:
         per_step[i["woken_step"]] = per_step.get(i["woken_step"], 0) + 1
     assert per_step == {s: int(n) for s, n in after.items()}
-    assert max(after) == status(server)["learning"]["step"]
-
-
-def test_a_learner_killed_after_waking_puts_its_steps_back_in_the_queue(server):
-    """The loop's replica is killed after waking on a batch but before the sleep that would
-    consolidate it (no checkpoint holds those steps): the new replica resumes from the newest
-    checkpoint, queues those items again and wakes on them once."""
-    import ray
-
-    from sleep_ray.serve import LEARNER_NAME
-
-    learner = _replica(LEARNER_NAME)
-    step = status(server)["learning"]["step"]
-    assert (step + 1) % 4 != 0  # the coming step is no scheduled sleep (windows [4, 8, 0])
-    acked = teach(server, facts(4, "shrimp"))  # one batch: wake step `step + 1`, no checkpoint
-    wait_for(lambda: {item(server, i)["state"] for i in acked} == {"woken"}, 120, 0.2)
-    ray.kill(ray.get_actor(learner, namespace="serve"), no_restart=False)
-    wait_for(lambda: _replica(LEARNER_NAME) not in (None, learner), 300)
-    resumed = wait_for(lambda: status(server)["learning"]["resumed"], 300, 1.0)
-    assert resumed == {"step": step, "requeued": 4}
-    wait_for(lambda: {item(server, i)["state"] for i in acked} == {"consolidated"}, 600, 1.0)
-    after = _wake_rows(server.run_dir)
-    items = [i for i in _store_items(server) if i["id"] in acked]
-    assert [i["woken_step"] for i in items] == [step + 1] * 4
-    assert after[step + 1] == 4 and max(after) == step + 1
+    assert max(after) == status(server)["learning"]["step"] == step + 3
 
 
 def test_the_rate_limit_is_per_key_and_answers_429(server):
