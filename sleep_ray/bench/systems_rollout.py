@@ -188,13 +188,17 @@ def rollout_row(label: str, cfg: SleepConfig, size: RolloutSize, workdir: Path,
                      hf_torch_threads=hf_threads)), published
 
 
+def rollout_models(quick: bool) -> list[tuple[str, list[str], RolloutSize]]:
+    """(label, config overrides, size) of row 1's models; the last is row 2's model too."""
+    if quick:
+        return [("tiny", [], QUICK_SIZE), ("small", QWEN3_SMALL, QUICK_SIZE)]
+    return [("tiny", [], FULL_SIZE), ("qwen3-100m", QWEN3_100M, FULL_SIZE_100M)]
+
+
 def rollout_rows(quick: bool, publish: bool = False) -> tuple[list[Row], Row | None]:
     """Row 1: the tiny default model, and the ~100M Qwen3 (a small one when `quick`). With
     `publish`, row 2's timed row too, on the second model's engine (row 2's model: `publish_rows`)."""
-    if quick:
-        runs = [("tiny", [], QUICK_SIZE), ("small", QWEN3_SMALL, QUICK_SIZE)]
-    else:
-        runs = [("tiny", [], FULL_SIZE), ("qwen3-100m", QWEN3_100M, FULL_SIZE_100M)]
+    runs = rollout_models(quick)
     rows, published = [], None
     with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_rollout_") as tmp:
         for i, (label, overrides, size) in enumerate(runs):
@@ -333,7 +337,7 @@ def publish_rows(quick: bool, timed: Row | None = None) -> list[Row]:
     """Row 2: seconds on the ~100M model (a small one when `quick`), bytes for Qwen3-8B. `timed`:
     the seconds row already measured on row 1's engine of the same model (`rollout_rows`)."""
     if timed is None:
-        label, overrides = ("small", QWEN3_SMALL) if quick else ("qwen3-100m", QWEN3_100M)
+        label, overrides, _ = rollout_models(quick)[-1]
         with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_publish_") as tmp:
             timed = publish_time_row(label, model_config(overrides), publish_reps(quick), Path(tmp))
     return [timed, publish_bytes_row()]
