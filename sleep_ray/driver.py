@@ -151,9 +151,6 @@ class SleepDriver:
         learners, (rollouts, scorers) = self._spawn_learners(), self._spawn_pools()
         self.learners = self._join_learners(learners)
         self.rollouts, self.scorers = self._join_pools(rollouts, scorers)
-        # vLLM does not carry the dreamer LoRA yet: dreams come from the learner then.
-        self.dreams_on_learner = (cfg.rollout.backend == "vllm" and cfg.dreaming.enabled
-                                  and cfg.dreaming.dreamer)
 
     def _start_learners(self) -> list:
         """A learner group at the run's start state (joined into one DeepSpeed group if so set)."""
@@ -371,8 +368,6 @@ class SleepDriver:
 
     def generate_dreams(self, context: list[int], seed: int) -> list:
         with self.record.timed("dream/generate"):
-            if self.dreams_on_learner:
-                return ray.get(self.learners[0].dreams.remote(context, seed))
             return self.rollouts.call(lambda w: w.dreams.remote(context, seed, state=self.state_ref))
 
     def importance(self, dreams: list, expert: tuple[int, int]) -> list[float]:

@@ -48,7 +48,6 @@ from sleep_ray.data.collate import IGNORE, collate_examples
 from sleep_ray.eval.evaluate import score_stream
 from sleep_ray.model import memory as M
 from sleep_ray.model.state import load_memory_state
-from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.dreaming import Dream
 from sleep_ray.sleep.learner import Learner
 from sleep_ray.sleep.seeding import SeedingData
@@ -202,13 +201,6 @@ class LearnerWorker:
         if L.newest_expert is None or not examples:
             return None
         return L.dream_context(examples), L.newest_expert
-
-    @compute_timed
-    def dreams(self, context: list[int], seed: int) -> list[Dream]:
-        """Dreams generated here, on the learner's own model (used when the rollout backend
-        cannot carry the dreamer adapter)."""
-        L = self.learner
-        return dreaming.generate_dreams(L.model, L.tok, context, L.cfg.dreaming, seed)
 
     @compute_timed
     def select_dreams(self, scores: Sequence[float] | None, num_dreams: int) -> list[int]:

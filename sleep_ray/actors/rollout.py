@@ -12,9 +12,11 @@ Backends (`rollout.backend`):
   `dreaming.generate_dreams` of the reference.
 - `vllm`: the model saved once to a folder (`save_for_vllm`) and served by `VLLMEngine`; each new
   memory version moves in place. vLLM samples with its own RNG: same distribution, different
-  draws from the HF reference. The engine does not carry the dreamer LoRA yet, so a run with
-  `dreaming.dreamer: true` generates its dreams on the learner (see driver.py) and this worker
-  refuses `dream=True` rather than silently dreaming without the dreamer.
+  draws from the HF reference. With `dreaming.dreamer: true` the engine serves the dreamer as a
+  vLLM LoRA adapter: each published version's dreamer is written as a peft folder and loaded
+  under that version, and a dream call runs every request with it while the memory's random
+  expert injection is on. Until the first published dreamer arrives the adapter is peft's
+  initial one, B = 0, which adds nothing: such a call runs without an adapter.
 
 Every call may carry the current `ModelState` (an object-store reference the driver resolved for
 us): a worker that Ray restarted after a crash comes back at version 0 and catches up inside the
@@ -56,6 +58,9 @@ class RolloutWorker:
         self.cfg = cfg
         self.version = 0
         self._folder: Path | None = None
+        d = cfg.dreaming
+        self._with_dreamer = d.enabled and d.dreamer
+        self._dreamer_version: int | None = None  # the version whose dreamer vLLM serves
         if cfg.rollout.backend == "hf":
             from sleep_ray.engines.hf import HFEngine
 
@@ -77,7 +82,8 @@ class RolloutWorker:
         r = cfg.rollout
         return VLLMEngine(self._folder, max_model_len=max_model_len(cfg),
                           kv_cache_gib=r.kv_cache_gib, enforce_eager=r.enforce_eager,
-                          seed=cfg.run.seed, gpu_memory_utilization=r.gpu_memory_utilization)
+                          seed=cfg.run.seed, gpu_memory_utilization=r.gpu_memory_utilization,
+                          max_lora_rank=cfg.dreaming.dreamer_rank if self._with_dreamer else 0)
 
     # ------------------------------------------------------------------ versions
 
@@ -93,8 +99,23 @@ class RolloutWorker:
             self.replica.sync(full)
         else:
             self.engine.load_memory(state.memory if isinstance(state, ModelState) else state)
+            if isinstance(state, ModelState) and state.dreamer and self._with_dreamer:
+                self._load_dreamer(state)
         self.version = state.version
         return self.version
+
+    def _load_dreamer(self, state: ModelState) -> None:
+        """The version's dreamer as the engine's adapter; the folder of the one before goes."""
+        from sleep_ray.engines.vllm_checkpoint import save_peft_adapter
+
+        adapters = self._folder / "dreamer"
+        folder = save_peft_adapter(state.dreamer, dreaming.dreamer_lora_config(self.cfg.dreaming),
+                                   dreaming.DREAMER, adapters / f"v{state.version}")
+        self.engine.load_adapter(folder, state.version)
+        self._dreamer_version = state.version
+        for old in adapters.iterdir():
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
 
     def memory_version(self) -> int:
         return self.version
@@ -112,11 +133,15 @@ class RolloutWorker:
         config sets it (random expert injection, dreamer adapter)."""
         if state is not None:
             self.load_memory(state)
-        d = self.cfg.dreaming
+        inject = dream and self.cfg.dreaming.random_expert
+        if self.replica is None:
+            adapter = dream and self._with_dreamer and self._dreamer_version is not None
+            return self.engine.generate(list(prompts), max_new_tokens=max_new_tokens,
+                                        temperature=temperature, seed=seed, dream=inject,
+                                        adapter=adapter)
         with self._dreamer(dream):
             return self.engine.generate(list(prompts), max_new_tokens=max_new_tokens,
-                                        temperature=temperature, seed=seed,
-                                        dream=dream and d.random_expert)
+                                        temperature=temperature, seed=seed, dream=inject)
 
     @compute_timed
     def dreams(self, context: list[int], seed: int, state: ModelState | None = None) -> list[Dream]:
@@ -131,15 +156,10 @@ class RolloutWorker:
 
     @contextlib.contextmanager
     def _dreamer(self, dream: bool):
-        d = self.cfg.dreaming
-        if not (dream and d.enabled and d.dreamer):
+        """The HF replica's dreamer adapter active inside the block, for a dream call."""
+        if not (dream and self._with_dreamer):
             yield
             return
-        if self.replica is None:
-            raise RuntimeError(
-                "rollout.backend=vllm does not carry the dreamer adapter yet (vLLM LoRA requests "
-                "are not wired into VLLMEngine); dreams are generated on the learner instead, or "
-                "set dreaming.dreamer=false")
         # Injection is switched by the engine (dream=...); here only the dreamer adapter.
         with dreaming.dreaming_mode(self.replica.model, with_dreamer=True, inject=False):
             yield

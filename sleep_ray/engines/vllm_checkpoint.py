@@ -1,8 +1,12 @@
-"""The folder vLLM loads: backbone, memory and tokenizer, with the memory config in config.json.
+"""The folder vLLM loads: backbone, memory and tokenizer, with the memory config in config.json;
+and the folder of a LoRA adapter vLLM serves beside it (the dreamer).
 
 `save_for_vllm` renames the architecture to our memory-carrying vLLM class and stores the memory
 config as the `sleep_memory` entry; `memory_config_from_hf` reads it back inside vLLM. Nothing
-here imports vLLM, so a learner can write the folder without it.
+here imports vLLM, so a learner can write the folder without it. `save_peft_adapter` writes an
+adapter held as transformers' integration names it (`...q_proj.lora_A.dreamer.weight`) in the
+layout peft saves and vLLM's `LoRARequest` reads (`adapter_config.json`,
+`adapter_model.safetensors` with `base_model.model.` names and no adapter name).
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -42,6 +49,27 @@ def save_for_vllm(model: nn.Module, tok: PreTrainedTokenizerBase, cfg: SleepConf
     config["architectures"] = [ARCHITECTURES[arch]]
     config[CONFIG_KEY] = dict(config_to_dict(cfg.memory), seed=cfg.run.seed, version=version)
     path.write_text(json.dumps(config, indent=2))
+    return out
+
+
+def save_peft_adapter(tensors: dict[str, torch.Tensor], lora_config: LoraConfig, adapter_name: str,
+                      out_dir: str | Path) -> Path:
+    """Write the adapter `adapter_name` (its tensors named as in the model that carries it) as a
+    peft adapter folder; returns the folder. Raises if a tensor is not one of that adapter's
+    LoRA factors, so a renamed parameter cannot silently drop out of the served adapter."""
+    marks = {f".lora_A.{adapter_name}.": ".lora_A.", f".lora_B.{adapter_name}.": ".lora_B."}
+    weights = {}
+    for name, t in tensors.items():
+        mark = next((m for m in marks if m in name), None)
+        if mark is None:
+            raise ValueError(f"{name!r} is not a LoRA factor of adapter {adapter_name!r}")
+        weights["base_model.model." + name.replace(mark, marks[mark])] = t.detach().to("cpu").contiguous()
+    if not weights:
+        raise ValueError(f"adapter {adapter_name!r} has no tensors")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(out)
+    save_file(weights, out / "adapter_model.safetensors")
     return out
 
 

@@ -69,13 +69,19 @@ def dream_context(tok: PreTrainedTokenizerBase, examples: Sequence[Example], max
 # ------------------------------------------------------------------ the dreamer adapter
 
 
+def dreamer_lora_config(cfg: DreamingConfig) -> LoraConfig:
+    """The dreamer's peft config: rank `dreamer_rank` on `dreamer_targets`, scale alpha / r = 1.
+    The learner's adapter and the one the vLLM rollout engine serves are both built from it."""
+    return LoraConfig(r=cfg.dreamer_rank, lora_alpha=cfg.dreamer_rank,
+                      target_modules=list(cfg.dreamer_targets), lora_dropout=0.0)
+
+
 def add_dreamer(model: nn.Module, cfg: DreamingConfig, seed: int) -> None:
-    """Inject the dreamer LoRA adapter (peft, through transformers' adapter API), disabled."""
+    """Inject the dreamer LoRA adapter (peft, through transformers' adapter API), disabled.
+    peft starts B at 0: the adapter adds nothing until ReST-EM trains it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(r=cfg.dreamer_rank, lora_alpha=cfg.dreamer_rank,
-                                     target_modules=list(cfg.dreamer_targets), lora_dropout=0.0),
-                          adapter_name=DREAMER)
+        model.add_adapter(dreamer_lora_config(cfg), adapter_name=DREAMER)
     model.disable_adapters()
     for name, p in model.named_parameters():
         p.requires_grad_(False)

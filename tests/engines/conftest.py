@@ -61,8 +61,9 @@ def prompts(engine_cfg):
 
 @pytest.fixture(scope="package")
 def rig(engine_cfg, tmp_path_factory):
-    """One vLLM engine for every test of this package (a start costs ~16-50 s on two cores),
-    beside an HF engine on the same model; tests reset the memory they rely on themselves."""
+    """One vLLM engine for every test of this package (a start costs ~16-50 s on two cores), with
+    LoRA on as a rollout worker with a dreamer starts it, beside an HF engine on the same model;
+    tests reset the memory they rely on themselves."""
     pytest.importorskip("vllm")
     from sleep_ray.engines.hf import HFEngine
     from sleep_ray.engines.vllm import VLLMEngine
@@ -72,7 +73,8 @@ def rig(engine_cfg, tmp_path_factory):
 
     model, tok = build_model(engine_cfg)
     folder = save_for_vllm(model, tok, engine_cfg, tmp_path_factory.mktemp("vllm_model"))
-    engine = VLLMEngine(folder, max_model_len=256, kv_cache_gib=1, max_num_seqs=8)
+    engine = VLLMEngine(folder, max_model_len=256, kv_cache_gib=1, max_num_seqs=8,
+                        max_lora_rank=engine_cfg.dreaming.dreamer_rank)  # serves the dreamer too
     yield SimpleNamespace(model=model, hf=HFEngine(model, tok), vllm=engine,
                           initial=export_memory_state(model, 0), versions=itertools.count(1))
     engine.close()

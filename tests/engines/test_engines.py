@@ -129,3 +129,104 @@ def test_cpu_head_dim_is_checked_before_the_engine_starts(tmp_path):
     folder = save_for_vllm(model, tok, cfg, tmp_path)
     with pytest.raises(ValueError, match="model.head_dim=16"):
         VLLMEngine(folder, max_model_len=64)
+
+
+# ------------------------------------------------------------------ the dreamer as a vLLM LoRA
+
+
+def _with_random_dreamer(rig, cfg, seed: int):
+    """A copy of the HF model carrying the dreamer adapter (disabled) with random factors large
+    enough to move greedy continuations (peft starts B at 0, which would add nothing)."""
+    import copy
+
+    import torch
+
+    from sleep_ray.sleep import dreaming
+
+    model = copy.deepcopy(rig.model)
+    dreaming.add_dreamer(model, cfg.dreaming, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dreaming.dreamer_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def test_dreamer_adapter_is_served_as_peft_computes_it(rig, prompts, engine_cfg, add_random_expert,
+                                                       tmp_path):
+    from sleep_ray.engines.hf import HFEngine
+    from sleep_ray.engines.vllm_checkpoint import save_peft_adapter
+    from sleep_ray.sleep import dreaming
+
+    _restart_memory(rig)
+    for seed in (0, 1):  # two experts, top-1: injection is deterministic, so HF and vLLM agree
+        add_random_expert(rig.model, level=2, seed=seed)
+    version = _sync(rig)
+    model = _with_random_dreamer(rig, engine_cfg, seed=0)
+    tensors = {n: p for n, p in model.named_parameters() if f".{dreaming.DREAMER}." in n}
+    folder = save_peft_adapter(tensors, dreaming.dreamer_lora_config(engine_cfg.dreaming),
+                               dreaming.DREAMER, tmp_path / "dreamer")
+    rig.vllm.load_adapter(folder, version)
+    hf = HFEngine(model, rig.hf.tok)
+
+    normal = rig.vllm.generate(prompts, **GREEDY)
+    adapted = rig.vllm.generate(prompts, **GREEDY, adapter=True)
+    dream = rig.vllm.generate(prompts, **GREEDY, dream=True, adapter=True)
+    assert adapted != normal and dream != adapted
+    with dreaming.dreaming_mode(model, with_dreamer=True, inject=False):
+        assert adapted == hf.generate(prompts, **GREEDY)
+        assert dream == hf.generate(prompts, **GREEDY, dream=True)
+    assert rig.vllm.generate(prompts, **GREEDY) == normal  # a call without the adapter has none
+    with pytest.raises(RuntimeError, match="versions only move forward"):
+        rig.vllm.load_adapter(folder, version - 1)
+
+
+def test_save_peft_adapter_refuses_a_tensor_of_another_adapter(tmp_path):
+    import torch
+
+    from sleep_ray.config import DreamingConfig
+    from sleep_ray.engines.vllm_checkpoint import save_peft_adapter
+    from sleep_ray.sleep.dreaming import dreamer_lora_config
+
+    good = {"model.layers.0.self_attn.q_proj.lora_A.dreamer.weight": torch.zeros(4, 8)}
+    other = {"model.layers.0.self_attn.q_proj.lora_A.other.weight": torch.zeros(4, 8)}
+    folder = save_peft_adapter(good, dreamer_lora_config(DreamingConfig()), "dreamer", tmp_path / "a")
+    from safetensors.torch import load_file
+
+    assert list(load_file(folder / "adapter_model.safetensors")) == [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    with pytest.raises(ValueError, match="not a LoRA factor of adapter 'dreamer'"):
+        save_peft_adapter(other, dreamer_lora_config(DreamingConfig()), "dreamer", tmp_path / "b")
+
+
+def test_rollout_worker_dreams_with_the_published_dreamer_and_injection(rig, engine_cfg, prompts,
+                                                                        add_random_expert, tmp_path):
+    """A dream from a vLLM rollout worker carries both the injected expert and the dreamer of the
+    version it was published with: its tokens differ from the same seed without either."""
+    from sleep_ray.actors.replica import export_model_state
+    from sleep_ray.actors.rollout import RolloutWorker
+
+    class OnRig(RolloutWorker):  # the worker's own logic, on the package's engine
+        def _start_vllm(self, cfg):
+            self._folder = tmp_path
+            return rig.vllm
+
+    worker = OnRig(engine_cfg)
+    d = engine_cfg.dreaming
+    context = prompts[1]
+    same = dict(max_new_tokens=d.max_new_tokens, temperature=d.temperature, seed=5)
+    # Before any dreamer is published, the adapter is peft's initial one (B = 0): none is used.
+    assert (worker.generate([context], **same, dream=True)
+            == rig.vllm.generate([context], **same, dream=True))
+
+    _restart_memory(rig)
+    for seed in (0, 1, 2):
+        add_random_expert(rig.model, level=2, seed=seed)
+    state = export_model_state(_with_random_dreamer(rig, engine_cfg, seed=1), next(rig.versions))
+    assert worker.load_memory(state) == state.version
+    dreams = [list(x.tokens) for x in worker.dreams(context, seed=5)]
+    assert len(dreams) == d.num_dreams
+    m = [context] * d.num_dreams
+    assert dreams != rig.vllm.generate(m, **same, adapter=True)  # without the injection
+    assert dreams != rig.vllm.generate(m, **same, dream=True)  # without the dreamer
+    assert [p.name for p in (tmp_path / "dreamer").iterdir()] == [f"v{state.version}"]
