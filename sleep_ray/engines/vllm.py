@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import get_args
 
 from vllm import LLM, SamplingParams
-from vllm.config.lora import MaxLoRARanks
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 
@@ -172,6 +171,9 @@ def lora_settings(rank: int) -> dict:
     and the one it replaces)."""
     if rank <= 0:
         return {}
+    # Imported here: an engine without LoRA does not depend on where vLLM keeps its rank list.
+    from vllm.config.lora import MaxLoRARanks
+
     slots = sorted(get_args(MaxLoRARanks))
     fits = [s for s in slots if s >= rank]
     if not fits:
