@@ -389,6 +389,11 @@ class SeedingConfig:
     steps: int = 20
     lr: float = 1e-2
     lam: float = 0.5  # fraction of on-policy (student-sampled) data
+    # The student whose samples seeding trains on (the on-policy share and LTI's completions) is
+    # published anew every `sync_every` steps; between publishes samples come from the last one
+    # published (at most sync_every - 1 steps behind). On Ray the rollout workers sample it; the
+    # one-process run samples the same published student, so both take the same steps.
+    sync_every: int = 1
     beta: float = 0.5  # generalized JSD interpolation: 0 forward KL, 1 reverse KL
     lti: bool = True  # Learning to Imitate reward term
     alpha: float = 0.8  # weight of the divergence in L_KS (1 - alpha on the imitation reward)
@@ -407,7 +412,7 @@ class SeedingConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 _fail(f"{at}.{name}", getattr(self, name), "must be in [0, 1]")
         for name in ("num_samples", "max_new_tokens", "group_size", "reservoir_size",
-                     "check_every"):
+                     "check_every", "sync_every"):
             if getattr(self, name) <= 0:
                 _fail(f"{at}.{name}", getattr(self, name), "must be positive")
         if self.check_contexts < 0:

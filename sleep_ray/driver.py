@@ -2,7 +2,8 @@
 
     for each task, for each batch:   wake          learner group: wake_step (Eq. 2 accumulate)
         plan = clock.tick()          update        learner group: apply_updates
-        for (l-1, l) in plan:        consolidate   rollout: teacher samples; learners: consolidate
+        for (l-1, l) in plan:        consolidate   rollout: teacher samples; learners: consolidate,
+                                                   every student sample asked of rollout
         after a sleep:               dream         rollout: dreams; scorers: importance;
                                                    learners: select; scorers: LoRA rewards;
                                                    learners: learn_from_dreams
@@ -11,7 +12,8 @@
 Same phases, same order, same `phase_seed`s as `sleep/loop.py`, so a run with the `hf` rollout
 backend ends with the memory of the one-process run. The driver owns the loop and nothing else:
 the clock, the stream position, memory versions, checkpoints and the run record. It holds no
-tensors (samples and dreams are token ids) and does no math.
+tensors (samples and dreams are token ids; a seeding student is an object-store reference the
+learner made) and does no math.
 
 Memory sync: whenever a rollout is about to sample and the learner's version moved, the learner's
 `ModelState` (memory + dreamer) is put in the object store once (the learner's return value) and
@@ -63,7 +65,7 @@ from sleep_ray.preflight import check_run_dir
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
 from sleep_ray.sleep.loop import RunRecord, task_batches, task_heldout, write_run
-from sleep_ray.sleep.seeding import seeding_data
+from sleep_ray.sleep.seeding import StudentRequest, seeding_data
 from sleep_ray.timing import timed
 from sleep_ray.tracking import MetricsLogger
 from sleep_ray.types import Stream, Task
@@ -132,6 +134,7 @@ class SleepDriver:
         self.faults: list = []  # every `Recovery` of a pool call and `LearnerRestart`, in order
         self._start_workers()
         self.published, self.state_ref = -1, None
+        self.student_ref = None  # the seeding student published last (`student_samples`)
         if resume:
             self.resume()
         self.record.phase_seconds["start"] += time.perf_counter() - t0
@@ -338,8 +341,30 @@ class SleepDriver:
                     state=self.state_ref)) if prompts else []
                 data = seeding_data(prompts, completions, caps)
             student = phase_seed(seed, step, f"{phase}/student")
-            stats = self._learner_group(lambda w: w.consolidate.remote(source, target, data, student))[0]
-            return stats | sampling
+            reply = self._learner_group(lambda w: w.consolidate_begin.remote(source, target, data, student))
+            while isinstance(reply[0], StudentRequest):  # seeding asks for the student's samples
+                with timed(sampling, "consolidate/seconds_student_sampling"):
+                    completions = self.student_samples(reply)
+                reply = self._learner_group(lambda w: w.consolidate_send.remote(completions))
+            return reply[0] | sampling
+
+    def student_samples(self, requests: list[StudentRequest]) -> list[list[int]]:
+        """Knowledge seeding's student samples from a rollout worker. Every learner of the group
+        asks the same (checked) and gets the same answer, so the replicas stay equal. A request
+        that publishes a new student carries its memory as an object-store reference (rank 0
+        put it there); every call carries the newest, so a worker that holds another student
+        (or restarted) loads it first."""
+        request = requests[0]
+        if any(r.prompts != request.prompts or r.version != request.version for r in requests[1:]):
+            raise RuntimeError("learner group diverged: its workers ask for different student samples")
+        if request.student is not None:
+            self.student_ref = request.student
+        version, completions = self.rollouts.call(lambda w: w.sample_student.remote(
+            list(map(list, request.prompts)), request.max_new_tokens, request.temperature,
+            request.seed, request.version, self.student_ref, state=self.state_ref))
+        if version != request.version:
+            raise RuntimeError(f"student samples of v{version} arrived for v{request.version}")
+        return completions
 
     def dream(self, task: Task, step: int) -> dict[str, float]:
         """METHOD.md section 5 over the actors, in `Learner.dream`'s order and with its seeds."""

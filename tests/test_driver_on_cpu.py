@@ -3,6 +3,8 @@
 Restarted actors, the DeepSpeed learner on Ray, and a killed driver: tests/faults/ and
 tests/test_driver_kill_on_cpu.py. The run is small: two synthetic languages of 16 examples in batches of 4 (8 wake steps), sleeps at steps 4 (1 -> 2)
 and 8 (1 -> 2, then 2 -> 3), each followed by a dream phase, on a base pretrained for 20 steps.
+Every consolidation takes its 2 seeding steps (tolerance -1), so the student's samples (on-policy
+and Learning to Imitate's) are asked of the rollout worker, as the one process answers them.
 Actors: one learner (torch backend), one HF rollout worker, two scorers (the dream split is
 exercised). Every actor runs one torch thread (Ray's OMP_NUM_THREADS for a CPU share below 1), and
 so does the reference run: with equal thread counts the two runs are equal bit for bit.
@@ -20,7 +22,7 @@ SMALL = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task=16"
          "data.val_per_task=4", "data.test_per_task=4", "data.batch_size=4",
          "memory.capacity=[1, 3, 2]", "schedule.chunk_sizes=[1, 4, 8]", "schedule.windows=[4, 8, 0]",
          "seeding.steps=2", "seeding.num_samples=4", "seeding.max_new_tokens=8",
-         "seeding.group_size=2", "dreaming.num_dreams=4", "dreaming.top_k=1",
+         "seeding.group_size=2", "seeding.tolerance=-1", "dreaming.num_dreams=4", "dreaming.top_k=1",
          "dreaming.num_random=1", "dreaming.max_new_tokens=8", "dreaming.inner_steps=2",
          "dreaming.tau_examples=4", "rollout.backend=hf", "scorer.num_workers=2", "run.engine=ray"]
 

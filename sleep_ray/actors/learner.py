@@ -38,6 +38,7 @@ import io
 import os
 import socket
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -50,7 +51,7 @@ from sleep_ray.model import memory as M
 from sleep_ray.model.state import load_memory_state
 from sleep_ray.sleep.dreaming import Dream
 from sleep_ray.sleep.learner import Learner
-from sleep_ray.sleep.seeding import SeedingData
+from sleep_ray.sleep.seeding import SeedingData, StudentRequest
 from sleep_ray.types import Example, MemoryState, Task
 
 CHECKPOINT_FORMAT = "sleep_ray.learner/1"
@@ -70,6 +71,7 @@ class LearnerWorker:
         model, tok = build_sleep_model(cfg)
         self.learner = Learner(cfg, model, tok)
         self.engine = None  # the DeepSpeed engine, once `init_deepspeed` ran
+        self._consolidation = None  # a consolidation waiting for the student's samples
 
     # ------------------------------------------------------------------ DeepSpeed group
 
@@ -186,8 +188,37 @@ class LearnerWorker:
         return self.learner.seeding_prompts(source, seed)
 
     @compute_timed
-    def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
-        return self.learner.consolidate(source, target, data, seed)
+    def consolidate_begin(self, source: int, target: int, data: SeedingData, seed: int
+                          ) -> StudentRequest | dict[str, float]:
+        """Start `Learner.consolidation`: its first `StudentRequest`, or its stats when it needs no
+        student sample. The driver answers each request with `consolidate_send`."""
+        self._consolidation = self.learner.consolidation(source, target, data, seed)
+        return self._advance(None)
+
+    @compute_timed
+    def consolidate_send(self, completions: list[list[int]]) -> StudentRequest | dict[str, float]:
+        """The student's completions for the last request; the next request, or the stats."""
+        if self._consolidation is None:
+            raise RuntimeError("consolidate_send without a consolidation under way")
+        return self._advance(completions)
+
+    def _advance(self, completions: list[list[int]] | None) -> StudentRequest | dict[str, float]:
+        """The consolidation's next request, its student (when it publishes one) as an
+        object-store reference from rank 0 (the other ranks hold the same), or its stats."""
+        try:
+            request = (next(self._consolidation) if completions is None
+                       else self._consolidation.send(completions))
+            if request.student is None:
+                return request
+            import ray
+
+            return replace(request, student=ray.put(request.student) if self.rank == 0 else None)
+        except StopIteration as done:
+            self._consolidation = None
+            return done.value
+        except BaseException:
+            self._consolidation = None
+            raise
 
     @compute_timed
     def dream_context(self, examples: Sequence[Example] | None = None

@@ -18,6 +18,12 @@ Backends (`rollout.backend`):
   expert injection is on. Until the first published dreamer arrives the adapter is peft's
   initial one, B = 0, which adds nothing: such a call runs without an adapter.
 
+Knowledge seeding's student samples (the on-policy share of D, LTI's completions) come from here
+too: `sample_student` takes the student the learner published (its memory, every
+`seeding.sync_every` seeding steps, labelled with a student version) and answers only for the
+version asked; the memory it then holds is the student's until the next published version of the
+learner arrives, which `load_memory` then loads even when its number is the one held before.
+
 Every call may carry the current `ModelState` (an object-store reference the driver resolved for
 us): a worker that Ray restarted after a crash comes back at version 0 and catches up inside the
 retried call, instead of sampling a stale model.
@@ -37,9 +43,14 @@ from sleep_ray.config import SleepConfig
 from sleep_ray.engines.base import check_version
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.dreaming import Dream
+from sleep_ray.model.state import load_memory_state
 from sleep_ray.types import MemoryState
 
 HF_BATCH_SIZE = 32  # sleep.generation.sample's default: the reference samples in batches of 32
+
+
+class StudentVersionError(RuntimeError):
+    """A rollout worker was asked for samples of a seeding student it does not hold."""
 
 
 def max_model_len(cfg: SleepConfig) -> int:
@@ -61,6 +72,7 @@ class RolloutWorker:
         d = cfg.dreaming
         self._with_dreamer = d.enabled and d.dreamer
         self._dreamer_version: int | None = None  # the version whose dreamer vLLM serves
+        self._student: int | None = None  # the seeding student held in place of the memory
         if cfg.rollout.backend == "hf":
             from sleep_ray.engines.hf import HFEngine
 
@@ -93,7 +105,10 @@ class RolloutWorker:
         held. Older than held raises `MemoryVersionError`; the same version is a no-op."""
         check_version(self.version, state.version)
         if state.version == self.version:
+            if self._student is not None:  # the memory of that version, back in the student's place
+                self._load_memory_only(state.memory if isinstance(state, ModelState) else state)
             return self.version
+        self._student = None
         if self.replica is not None:
             full = state if isinstance(state, ModelState) else ModelState(state)
             self.replica.sync(full)
@@ -116,6 +131,13 @@ class RolloutWorker:
         for old in adapters.iterdir():
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _load_memory_only(self, memory: MemoryState) -> None:
+        if self.replica is not None:
+            load_memory_state(self.replica.model, memory)
+        else:
+            self.engine.load_memory(memory)
+        self._student = None
 
     def memory_version(self) -> int:
         return self.version
@@ -142,6 +164,24 @@ class RolloutWorker:
         with self._dreamer(dream):
             return self.engine.generate(list(prompts), max_new_tokens=max_new_tokens,
                                         temperature=temperature, seed=seed, dream=inject)
+
+    @compute_timed
+    def sample_student(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
+                       seed: int, version: int, student: MemoryState | None = None,
+                       state: ModelState | None = None) -> tuple[int, list[list[int]]]:
+        """Completions from knowledge seeding's student published as `version` (its `memory`, which
+        a worker holding another student loads). Returns (the student version sampled, the
+        completions); a worker that cannot sample `version` raises `StudentVersionError`."""
+        if state is not None:
+            self.load_memory(state)
+        if student is not None and self._student != version:
+            check_version(self.version, student.version)
+            self._load_memory_only(student)
+            self._student = version
+        if self._student != version:
+            raise StudentVersionError(f"asked for seeding student v{version}, this worker holds "
+                                      f"{'none' if self._student is None else f'v{self._student}'}")
+        return version, self.generate(prompts, max_new_tokens, temperature, seed)
 
     @compute_timed
     def dreams(self, context: list[int], seed: int, state: ModelState | None = None) -> list[Dream]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +30,8 @@ from sleep_ray.model import memory as M
 from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.generation import bos_id, sample
-from sleep_ray.sleep.seeding import (SeedingData, completion_logits, finite_step, pairs_to_batch, seed_expert,
-                                     seeding_data)
+from sleep_ray.sleep.seeding import (SeedingData, StudentRequest, completion_logits, drive, finite_step,
+                                     pairs_to_batch, sample_locally, seed_expert_steps, seeding_data)
 from sleep_ray.sleep.window import Reservoir, example_from_dict, example_to_dict
 from sleep_ray.timing import timed
 from sleep_ray.types import Example, MemoryState
@@ -229,8 +229,16 @@ class Learner:
         return heldout_score(self.model, self.tok, examples, self.cfg.data.max_length)
 
     def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
+        """`consolidation` with the student's samples drawn in this process."""
+        return drive(self.consolidation(source, target, data, seed), sample_locally(self.model, self.tok))
+
+    def consolidation(self, source: int, target: int, data: SeedingData, seed: int
+                      ) -> Generator[StudentRequest, list, dict[str, float]]:
         """Consolidate level `source` into `target` = source + 1 (METHOD section 3) on D = `data`,
         the teacher's samples; `seed` drives the student's sampling during seeding.
+        A generator: knowledge seeding yields a `StudentRequest` whenever it needs the student
+        to complete prompts, and is sent the completions (`seeding.seed_expert_steps`); the Ray
+        driver answers from the rollout workers, `consolidate` in this process.
 
         `reset`: the source level's contents move up: the new expert starts as what the reset
         destroys (`memory.expert_init`), D covers the whole window, then the level is emptied.
@@ -334,8 +342,9 @@ class Learner:
         n_check = self.cfg.seeding.check_contexts
         check = self.context_pairs(held["contexts"], n_check) if n_check else ()
         with timed(parts, "consolidate/seconds_seeding"):
-            stats = seed_expert(self.model, self.tok, teacher, data, params, self.cfg.seeding,
-                                self.generator, seed=seed, check=check)
+            stats = yield from seed_expert_steps(self.model, self.tok, teacher, data, params,
+                                                 self.cfg.seeding, self.generator, seed=seed,
+                                                 check=check, memory_version=self.version)
         self.model.eval()
         self.count_nonfinite(f"consolidate_{source}_to_{target} (seeding)",
                              int(stats.get("seed/nonfinite_steps", 0)))

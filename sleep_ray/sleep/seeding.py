@@ -8,12 +8,21 @@ that the student, the model after the transition and the expansion, behaves as t
 F is the generalized JSD over completion tokens; L_pg is the Learning-to-Imitate policy
 gradient (student completions of random teacher-sample prefixes, rewarded by edit distance and a
 semantic judge, group baseline). With `seeding.lti: false` the loss is the divergence alone.
+
+Student samples (the on-policy share, LTI's completions) are asked for, not drawn here:
+`seed_expert_steps` is a generator that yields a `StudentRequest` whenever it needs the student
+to complete prompts and is sent the completions back. The student is *published* every
+`seeding.sync_every` steps (the request then carries its memory) and each request names the
+version it must be sampled from. `seed_expert` answers the requests in this process
+(`sample_locally`); the Ray driver answers them from the rollout workers, as on-policy
+distillation does with vLLM rollouts, and the learner only scores and updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +36,7 @@ from sleep_ray.algo.imitation import (ExactJudge, SemanticJudge, group_advantage
                                       imitation_reward, lti_objective, policy_gradient_loss,
                                       random_prefix_cut, relative_z0)
 from sleep_ray.config import SeedingConfig
+from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep.generation import memory_view, pairs_to_batch, sample
 from sleep_ray.types import MemoryState
 
@@ -44,6 +54,77 @@ def seeding_data(prompts, completions, caps=None) -> SeedingData:
     caps = caps if caps is not None else [None] * len(prompts)
     cut = [(tuple(p), tuple(c[:cap] if cap else c)) for p, c, cap in zip(prompts, completions, caps)]
     return SeedingData(tuple((p, c) for p, c in cut if len(c) >= 2))
+
+
+@dataclass(frozen=True)
+class StudentRequest:
+    """Completions of `prompts` sampled from the student published as `version`.
+
+    `student`: that student's memory when this request is the first since it was published,
+    else None (the one published last). `current`: the student has taken no step since, so the
+    learner's model as it is *is* that student."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    version: int
+    student: MemoryState | None
+    current: bool
+
+
+class StudentLink:
+    """The seeding loop's side of the published student: a new version every `sync_every` steps.
+
+    `memory_version` is what the student's `MemoryState` is labelled with: the learner's version
+    during the consolidation (the one its rollout workers hold), so that an engine takes it."""
+
+    def __init__(self, model: nn.Module, sync_every: int = 1, memory_version: int = -1):
+        self.model, self.sync_every, self.memory_version = model, sync_every, memory_version
+        self.version = 0  # the student published last (0: none yet)
+        self._due, self._moved = True, False
+
+    def stepped(self, steps: int) -> None:
+        """The student took its `steps`-th step; it is published again once `sync_every` did."""
+        self._moved = True
+        self._due = self._due or steps % self.sync_every == 0
+
+    def request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+                seed: int) -> StudentRequest:
+        student = None
+        if self._due:
+            student = export_memory_state(self.model, self.memory_version)
+            self.version += 1
+            self._due = self._moved = False
+        return StudentRequest(tuple(tuple(p) for p in prompts), max_new_tokens, temperature, seed,
+                              self.version, student, current=not self._moved)
+
+
+def sample_locally(model: nn.Module, tok: PreTrainedTokenizerBase
+                   ) -> Callable[[StudentRequest], list[list[int]]]:
+    """Answer a seeding loop's requests in this process: `sample` on the model itself while it is
+    the published student, on a view of the published memory once the student moved on."""
+    published: list[MemoryState] = []
+
+    def answer(request: StudentRequest) -> list[list[int]]:
+        if request.student is not None:
+            published[:] = [request.student]
+        view = contextlib.nullcontext() if request.current else memory_view(model, published[0])
+        with view:
+            return sample(model, tok, [list(p) for p in request.prompts], request.max_new_tokens,
+                          request.temperature, request.seed)
+
+    return answer
+
+
+def drive(steps: Generator, answer: Callable[[StudentRequest], list[list[int]]]):
+    """Run a generator of `StudentRequest`s to its end, answering each; its return value."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(answer(request))
+    except StopIteration as done:
+        return done.value
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,7 +159,16 @@ def divergence_on(model: nn.Module, teacher: MemoryState, pairs, pad_id: int, be
 
 def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: SeedingConfig,
                    judge: SemanticJudge, generator: torch.Generator, seed: int):
-    """Learning to Imitate: cut, complete (group of S per prefix), reward, policy gradient."""
+    """`imitation_loss_steps` with the student sampled in this process."""
+    return drive(imitation_loss_steps(model, tok, pairs, cfg, judge, generator, seed,
+                                      StudentLink(model)), sample_locally(model, tok))
+
+
+def imitation_loss_steps(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: SeedingConfig,
+                         judge: SemanticJudge, generator: torch.Generator, seed: int,
+                         link: StudentLink) -> Generator[StudentRequest, list, tuple]:
+    """Learning to Imitate: cut, complete (group of S per prefix), reward, policy gradient.
+    The completions are asked of the student through `link` (a generator; see the module)."""
     prefixes, refs, lengths = [], [], []
     for prompt, completion in pairs:
         if len(completion) < 2:
@@ -94,8 +184,8 @@ def imitation_loss(model: nn.Module, tok: PreTrainedTokenizerBase, pairs, cfg: S
     # Each completion is at most as long as its reference (or stops at EOS): text past the
     # reference's end has nothing to match, and r_abs would be ~0 on almost every sample.
     caps = [n for n in lengths for _ in range(group)]
-    completions = sample(model, tok, prompts, min(max(caps), cfg.max_new_tokens),
-                         cfg.temperature, seed)
+    completions = yield link.request(prompts, min(max(caps), cfg.max_new_tokens),
+                                     cfg.temperature, seed)
     completions = [c[:n] for c, n in zip(completions, caps)]
     preds = [tok.decode(c, skip_special_tokens=True) for c in completions]
     group_refs = [r for r in refs for _ in range(group)]
@@ -150,7 +240,20 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
                 data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
                 generator: torch.Generator, seed: int, batch_size: int = 8,
                 check: Sequence[tuple[list[int], list[int]]] = ()) -> dict[str, float]:
+    """`seed_expert_steps` with the student sampled in this process."""
+    return drive(seed_expert_steps(model, tok, teacher, data, params, cfg, generator, seed,
+                                   batch_size, check), sample_locally(model, tok))
+
+
+def seed_expert_steps(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
+                      data: SeedingData, params: list[nn.Parameter], cfg: SeedingConfig,
+                      generator: torch.Generator, seed: int, batch_size: int = 8,
+                      check: Sequence[tuple[list[int], list[int]]] = (), memory_version: int = -1
+                      ) -> Generator[StudentRequest, list, dict[str, float]]:
     """Train `params` (the new expert) for at most cfg.steps on D; returns the last step's stats.
+    A generator: it yields a `StudentRequest` for every batch of student samples it needs and
+    is sent their completions (see the module); the student is published every
+    `cfg.sync_every` steps, labelled `memory_version`.
 
     Every `cfg.check_every` steps (before the first, and with `cfg.check_first` after it) the
     divergence over `check` (pairs the student does not train on; default: all of D) is
@@ -163,7 +266,8 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
 
     A step whose loss or gradient is NaN/inf is skipped (no parameter or Adam-state change) and
     counted in "seed/nonfinite_steps". `seed` feeds the student's sampling (on-policy data, LTI
-    completions) step by step, so the whole phase is deterministic given (model, D, seed).
+    completions) step by step, so the whole phase is deterministic given (model, D, seed) and
+    the answers to its requests.
     """
     pad = tok.pad_token_id
     pairs = list(data.pairs)
@@ -177,12 +281,14 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
     if not best <= cfg.tolerance and cfg.steps > 0:  # NaN too: its steps are skipped, counted
         opt = torch.optim.Adam(params, lr=cfg.lr)
         judge = make_judge(cfg.judge, cfg.judge_threshold) if cfg.lti and cfg.gamma > 0 else None
+        link = StudentLink(model, cfg.sync_every, memory_version)
         for step in tqdm(range(cfg.steps), desc="seed expert", leave=False, disable=None):
             idx = torch.randperm(len(pairs), generator=generator)[:batch_size].tolist()
-            stats = seeding_step(model, tok, teacher, [pairs[i] for i in idx], cfg, judge,
-                                 generator, seed * 7919 + step)
+            stats = yield from seeding_step(model, tok, teacher, [pairs[i] for i in idx], cfg,
+                                            judge, generator, seed * 7919 + step, link)
             skipped += not step_if_finite(opt, stats.pop("loss"), params)
             steps += 1
+            link.stepped(steps)
             for name in ("lti/reward_mean", "lti/reward_nonzero"):
                 if name in stats:
                     rewards.setdefault(name, []).append(stats[name])
@@ -207,21 +313,24 @@ def seed_expert(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryS
 
 def seeding_step(model: nn.Module, tok: PreTrainedTokenizerBase, teacher: MemoryState,
                  batch_pairs, cfg: SeedingConfig, judge: SemanticJudge | None,
-                 generator: torch.Generator, seed: int) -> dict:
+                 generator: torch.Generator, seed: int, link: StudentLink
+                 ) -> Generator[StudentRequest, list, dict]:
     """One batch of L_KS: the divergence mix (off- and on-policy) and the LTI reward term.
-    Returns the stats with the differentiable loss under "loss"."""
+    Returns the stats with the differentiable loss under "loss" (a generator: the student's
+    samples are asked of `link`)."""
     pad = tok.pad_token_id
     off = divergence_on(model, teacher, batch_pairs, pad, cfg.beta) if cfg.lam < 1 else None
     on = None
     if cfg.lam > 0:  # on-policy: the student completes D's prompts; no gradient through it
         prompts = [list(p) for p, _ in batch_pairs]
-        student = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed)
+        student = yield link.request(prompts, cfg.max_new_tokens, cfg.temperature, seed)
         on_pairs = [(p, tuple(c)) for p, c in zip(prompts, student) if c]
         on = divergence_on(model, teacher, on_pairs, pad, cfg.beta) if on_pairs else None
     loss, stats = seeding_loss(off, on if on is not None else torch.zeros(1), cfg.lam)
     if cfg.lti:
-        pg, lti_stats = imitation_loss(model, tok, batch_pairs, cfg, judge or ExactJudge(),
-                                       generator, seed + 104729)
+        pg, lti_stats = yield from imitation_loss_steps(model, tok, batch_pairs, cfg,
+                                                        judge or ExactJudge(), generator,
+                                                        seed + 104729, link)
         if pg is not None:
             loss, mix_stats = lti_objective(loss, pg, cfg.alpha)
             stats |= lti_stats | mix_stats

@@ -199,19 +199,25 @@ def test_save_peft_adapter_refuses_a_tensor_of_another_adapter(tmp_path):
         save_peft_adapter(other, dreamer_lora_config(DreamingConfig()), "dreamer", tmp_path / "b")
 
 
+def _worker_on_rig(rig, cfg, folder):
+    """A `RolloutWorker` with its own logic on the package's vLLM engine."""
+    from sleep_ray.actors.rollout import RolloutWorker
+
+    class OnRig(RolloutWorker):
+        def _start_vllm(self, cfg):
+            self._folder = folder
+            return rig.vllm
+
+    return OnRig(cfg)
+
+
 def test_rollout_worker_dreams_with_the_published_dreamer_and_injection(rig, engine_cfg, prompts,
                                                                         add_random_expert, tmp_path):
     """A dream from a vLLM rollout worker carries both the injected expert and the dreamer of the
     version it was published with: its tokens differ from the same seed without either."""
     from sleep_ray.actors.replica import export_model_state
-    from sleep_ray.actors.rollout import RolloutWorker
 
-    class OnRig(RolloutWorker):  # the worker's own logic, on the package's engine
-        def _start_vllm(self, cfg):
-            self._folder = tmp_path
-            return rig.vllm
-
-    worker = OnRig(engine_cfg)
+    worker = _worker_on_rig(rig, engine_cfg, tmp_path)
     d = engine_cfg.dreaming
     context = prompts[1]
     same = dict(max_new_tokens=d.max_new_tokens, temperature=d.temperature, seed=5)
@@ -230,3 +236,33 @@ def test_rollout_worker_dreams_with_the_published_dreamer_and_injection(rig, eng
     assert dreams != rig.vllm.generate(m, **same, adapter=True)  # without the injection
     assert dreams != rig.vllm.generate(m, **same, dream=True)  # without the dreamer
     assert [p.name for p in (tmp_path / "dreamer").iterdir()] == [f"v{state.version}"]
+
+
+def test_rollout_worker_samples_the_seeding_student_it_is_asked_for(rig, engine_cfg, prompts,
+                                                                    add_random_expert, tmp_path):
+    """Knowledge seeding's student samples from a vLLM rollout worker: from the student version
+    the learner published (its memory differs from the published memory), refused for any
+    other; the published memory of the same version comes back when it is offered again."""
+    from sleep_ray.actors.rollout import StudentVersionError
+
+    worker = _worker_on_rig(rig, engine_cfg, tmp_path)
+    _restart_memory(rig)
+    published = export_memory_state(rig.model, next(rig.versions))
+    worker.load_memory(published)
+    same = dict(max_new_tokens=16, temperature=1.0, seed=3)
+    before = worker.generate(prompts, **same)
+    add_random_expert(rig.model, level=2, seed=0)  # the student: a new expert at level 2
+    student = export_memory_state(rig.model, published.version)  # labelled as the learner is
+    with pytest.raises(StudentVersionError, match="holds none"):
+        worker.sample_student(prompts, **same, version=1)
+    version, got = worker.sample_student(prompts, **same, version=1, student=student)
+    assert version == 1 and got != before
+    assert worker.sample_student(prompts, **same, version=1) == (1, got)  # held, not reloaded
+    with pytest.raises(StudentVersionError, match="holds v1"):
+        worker.sample_student(prompts, **same, version=2)
+    # vLLM itself holds the student: greedy tokens are HF's on the student's memory.
+    rig.hf.load_memory(student)
+    assert rig.vllm.generate(prompts, **GREEDY) == rig.hf.generate(prompts, **GREEDY)
+    # The learner's next publish may carry the version number held before the student.
+    assert worker.load_memory(published) == published.version
+    assert worker.generate(prompts, **same) == before

@@ -30,7 +30,7 @@ SMALL = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task=16"
          "data.val_per_task=4", "data.test_per_task=4", "data.batch_size=4",
          "memory.capacity=[1, 3, 2]", "schedule.chunk_sizes=[1, 4, 8]", "schedule.windows=[4, 8, 0]",
          "seeding.steps=2", "seeding.num_samples=4", "seeding.max_new_tokens=8",
-         "seeding.group_size=2", "dreaming.num_dreams=4", "dreaming.top_k=1",
+         "seeding.group_size=2", "seeding.tolerance=-1", "dreaming.num_dreams=4", "dreaming.top_k=1",
          "dreaming.num_random=1", "dreaming.max_new_tokens=8", "dreaming.inner_steps=2",
          "dreaming.tau_examples=4", "rollout.backend=hf", "scorer.num_workers=2", "run.engine=ray"]
 
@@ -87,21 +87,26 @@ def exit_once(marker: Path) -> None:
     os._exit(1)
 
 
-def dying_rollout(folder: Path):
-    """A rollout worker that dies once in its first teacher sampling and once in its first dream
-    generation, each time after sampling."""
+def dying_rollout(folder: Path, dies_in: tuple[str, ...] = ("generate", "dreams")):
+    """A rollout worker that dies once in its first call of each method named in `dies_in`
+    (`generate`: teacher sampling; `sample_student`: a seeding student's samples; `dreams`),
+    each time after sampling. The marker is `rollout-<method>`."""
     from sleep_ray.actors.rollout import RolloutWorker
+
+    def after(name: str, out):
+        if name in dies_in:
+            exit_once(folder / f"rollout-{name}")
+        return out
 
     class DyingRollout(RolloutWorker):
         def generate(self, *args, **kwargs):
-            out = super().generate(*args, **kwargs)
-            exit_once(folder / "rollout-generate")
-            return out
+            return after("generate", super().generate(*args, **kwargs))
+
+        def sample_student(self, *args, **kwargs):
+            return after("sample_student", super().sample_student(*args, **kwargs))
 
         def dreams(self, *args, **kwargs):
-            out = super().dreams(*args, **kwargs)
-            exit_once(folder / "rollout-dreams")
-            return out
+            return after("dreams", super().dreams(*args, **kwargs))
 
     return DyingRollout
 
@@ -149,11 +154,18 @@ def dying_learner(folder: Path, *, wake_call: int, consolidate_call: int | None 
                 exit_once(folder / "learner-wake")
             return out
 
-        def consolidate(self, *args, **kwargs):
-            out = super().consolidate(*args, **kwargs)
-            self.consolidations += 1
-            if self.consolidations == consolidate_call:
-                exit_once(folder / "learner-consolidate")
+        def consolidate_begin(self, *args, **kwargs):
+            return self.finished(super().consolidate_begin(*args, **kwargs))
+
+        def consolidate_send(self, *args, **kwargs):
+            return self.finished(super().consolidate_send(*args, **kwargs))
+
+        def finished(self, out):
+            """Count a consolidation once it returns its stats (it asked for its samples before)."""
+            if isinstance(out, dict):
+                self.consolidations += 1
+                if self.consolidations == consolidate_call:
+                    exit_once(folder / "learner-consolidate")
             return out
 
     return DyingLearner
@@ -210,7 +222,8 @@ def markers(folder: Path) -> set[str]:
 
 def test_a_rollout_worker_and_a_scorer_killed_mid_call(ray_local, cfg, reference, tmp_path):
     """One run, four deaths: the rollout worker in its first teacher sampling and in its first
-    dream generation, a scorer in an importance call and in a LoRA-reward call.
+    dream generation, a scorer in an importance call and in a LoRA-reward call (a seeding
+    student's sampling: the learner test below; a worker is restarted at most twice).
 
     Rollout: each lost call is resent to the restarted worker after it was re-published to (the
     pool checks the version it then holds). Scorer: the lost slice is scored again on the
@@ -249,20 +262,26 @@ def test_a_learner_killed_mid_wake_and_mid_consolidation(ray_local, cfg, referen
     group, in the second consolidation of step 8's sleep (2 -> 3, after 1 -> 2 was published to
     the rollout worker): each time the driver starts a new group from ckpt-4 and replays steps
     5-8 from the stream; the second time the rollout and scorer workers, which hold a version
-    from the lost steps, are replaced. Two restarts: the default run.max_learner_restarts."""
+    from the lost steps, are replaced. Two restarts: the default run.max_learner_restarts.
+    Before all that, the rollout worker dies in the first sleep's first sampling of a seeding
+    student; the call is resent to it restarted, carrying the student, which it loads first."""
+    from sleep_ray.actors.pool import Recovery
     from sleep_ray.driver import LearnerRestart
 
     faults = tmp_path / "faults"
     faults.mkdir()
     assert cfg.run.max_learner_restarts == 2
     learner = dying_learner(faults, wake_call=6, consolidate_call=2)
-    summary, records, driver = run_with(faulty_driver(learner_class=learner), one_scorer(cfg),
-                                        tmp_path / "run")
-    assert markers(faults) == {"learner-wake", "learner-consolidate"}
+    rollout = dying_rollout(faults, dies_in=("sample_student",))
+    summary, records, driver = run_with(faulty_driver(learner_class=learner, rollout_class=rollout),
+                                        one_scorer(cfg), tmp_path / "run")
+    assert markers(faults) == {"rollout-sample_student", "learner-wake", "learner-consolidate"}
     restarts = [r for r in records if isinstance(r, LearnerRestart)]
     assert restarts == [LearnerRestart(step=5, resumed_from="ckpt-00000004-0001"),
                         LearnerRestart(step=8, resumed_from="ckpt-00000004-0001")]
-    assert records == restarts  # no rollout or scorer call was lost
+    lost = [r for r in records if isinstance(r, Recovery)]
+    assert [(r.role, r.lost, r.resent_to) for r in lost] == [("rollout", "rollout-0", "rollout-0")]
+    assert records == [*lost, *restarts]  # no other rollout or scorer call was lost
     # Pools started at the run's start and after the second death only: after the first, they
     # held step 4's version, which the restored learner holds too.
     assert driver.pool_starts == 2
