@@ -83,7 +83,9 @@ def run_method(method: str, cfg: SleepConfig, stream: Stream, bcfg: BaselineConf
     torch.manual_seed(cfg.run.seed)
     t0 = time.perf_counter()
     record = run_sleep(cfg, stream) if method == "sleep" else run_baseline(method, cfg, stream, bcfg)
-    return MethodResult(method, record.R, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    rows = [m for m in getattr(record, "metrics", []) if "consolidate/source" in m]
+    return MethodResult(method, record.R, seconds, consolidations=rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ seconds per phase), from its summary and metric rows.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,9 @@ class MethodResult:
     method: str
     R: list[list[float]]  # R[i][j]: score on task j after learning task i
     seconds: float
+    # Sleep's consolidation rows (its metrics.jsonl rows of each consolidation: kept, seeding
+    # steps, route share, seconds); empty for the baselines.
+    consolidations: list[dict] = field(default_factory=list)
 
 
 def top_level_seconds(phase_seconds: dict[str, float]) -> float:
@@ -132,6 +135,10 @@ def write_report(out_dir: Path, results: Sequence[MethodResult], task_names: Seq
         lines.append("Retention = mean_j R[T][j] / mean_j single[j] (single: each task learned alone).")
     lines += ["", markdown(df), "", "![R heatmaps](heatmaps.png)", "", "![scores over time](curves.png)", ""]
     text = "\n".join(lines)
+    for r in results:  # Sleep's consolidations: what each kept, as a run's report has them
+        if r.consolidations:
+            text += consolidation_markdown(r.consolidations).replace(
+                "## Consolidations", f"## Consolidations ({r.method})")
     (out_dir / "report.md").write_text(text)
     return text
 

@@ -31,6 +31,13 @@ def test_bench_continual_on_jsonl_writes_report_csv_and_plots(tmp_path):
     assert cli_main(["bench"] + argv) == 0
     report = (out / "report.md").read_text()
     assert "sleep-ray bench continual" in report and "| sleep |" in report
+    # Sleep's consolidations, as its run report has them: a 1 -> 2 at every window of 2 steps.
+    raw = {r["method"]: r for r in json.loads((out / "raw.json").read_text())}
+    events = raw["sleep"]["consolidations"]
+    assert events and all(e["consolidate/source"] == 1 for e in events)
+    assert [r["consolidations"] for r in raw.values() if r["method"] != "sleep"] == [[], []]
+    table = report.split("## Consolidations (sleep)")[1]
+    assert table.count("| 1 -> 2 |") == len(events)
     df = pd.read_csv(out / "results.csv")
     assert list(df["method"]) == ["sleep", "naive_memory", "single"]
     assert (out / "heatmaps.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
