@@ -41,9 +41,9 @@ from sleep_ray.actors.replica import ModelState, Replica, set_threads
 from sleep_ray.actors.telemetry import compute_timed, telemetry
 from sleep_ray.config import SleepConfig
 from sleep_ray.engines.base import check_version
+from sleep_ray.model.state import load_memory_state
 from sleep_ray.sleep import dreaming
 from sleep_ray.sleep.dreaming import Dream
-from sleep_ray.model.state import load_memory_state
 from sleep_ray.types import MemoryState
 
 HF_BATCH_SIZE = 32  # sleep.generation.sample's default: the reference samples in batches of 32
@@ -172,7 +172,7 @@ class RolloutWorker:
         """Completions from knowledge seeding's student published as `version` (its `memory`, which
         a worker holding another student loads). Returns (the student version sampled, the
         completions); a worker that cannot sample `version` raises `StudentVersionError`."""
-        if state is not None:
+        if state is not None and state.version != self.version:  # a restarted worker catches up
             self.load_memory(state)
         if student is not None and self._student != version:
             check_version(self.version, student.version)
