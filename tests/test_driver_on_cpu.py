@@ -1,5 +1,6 @@
 """The Ray driver on a local 2-CPU Ray: stopped and resumed, it ends with the one-process run's memory.
 
+A two-process DeepSpeed learner group through the same run ends where it ends too, to 1e-4.
 Restarted actors, the DeepSpeed learner on Ray, and a killed driver: tests/faults/ and
 tests/test_driver_kill_on_cpu.py. The run is small: two synthetic languages of 16 examples in batches of 4 (8 wake steps), sleeps at steps 4 (1 -> 2)
 and 8 (1 -> 2, then 2 -> 3), each followed by a dream phase, on a base pretrained for 20 steps.
@@ -11,6 +12,8 @@ so does the reference run: with equal thread counts the two runs are equal bit f
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -67,3 +70,33 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(ray_session, cfg, 
     assert {"wake", "update", "consolidate_1_to_2", "consolidate_2_to_3", "dream", "sync",
             "evaluate", "checkpoint"} <= summary["phase_seconds"].keys()
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_a_two_process_deepspeed_group_sleeps_as_one_learner(ray_session, cfg, local_run, tmp_path):
+    """Two DeepSpeed learners (ZeRO 0, gloo), each taking half of every wake batch, through the
+    whole run: three consolidations whose seeding steps ask the rollout worker for the student's
+    samples (the driver checks both ranks ask the same and sends both the same answer), and
+    two dream phases. The group ends where the one-process run ends, up to the order of float32
+    additions that splitting a batch changes (tests/actors/test_learner_on_cpu.py: 1e-5 after
+    four wake steps; here 3.1e-6 at the end, against a bound of 1e-4); every sampled token is
+    the same, so the scores are too."""
+    from dataclasses import replace
+
+    from sleep_ray.driver import run_on_ray
+
+    group = replace(cfg, learner=replace(cfg.learner, backend="deepspeed", zero_stage=0, num_workers=2))
+    summary = run_on_ray(group, tmp_path)
+    expected, memory = local_run
+    got = read_memory_state(tmp_path / "memory.safetensors")
+    assert got.version == memory.version and got.tensors.keys() == memory.tensors.keys()
+    worst = max((float((got.tensors[n] - t).abs().max()) for n, t in memory.tensors.items()
+                 if t.is_floating_point()), default=0.0)
+    assert worst < 1e-4
+    assert [x for row in summary["R"] for x in row] == pytest.approx(
+        [x for row in expected["R"] for x in row], abs=1e-6)
+    assert summary["cycles"] == expected["cycles"] == 2
+    assert summary["memory_versions"] == expected["memory_versions"]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    asked = [e for e in events if "consolidate/seconds_student_sampling" in e]
+    assert len(asked) == 3 and all(e["seed/steps"] == 2 for e in asked)
