@@ -113,6 +113,11 @@ def format_summary(summary: dict) -> str:
                      f"{ret:.3f}" if ret is not None else f"ACC {summary['acc']:.3f}  BWT {summary['bwt']:+.3f}")
     lines.append("R (row i: after task i; column j: task j):")
     lines += ["  " + " ".join(f"{x:.3f}" for x in row) for row in summary["R"]]
+    if summary.get("probes"):
+        from sleep_ray.eval.report import probe_lines
+
+        lines.append("the first task's questions, answered:")
+        lines += ["  " + line for line in probe_lines(summary["probes"])]
     return "\n".join(lines)
 
 

@@ -529,8 +529,14 @@ class RunConfig:
     # (the wake steps since are replayed) up to this many times; one death more ends the run with
     # one line naming the checkpoint to resume from.
     max_learner_restarts: int = 2
+    # Before the first task and after each one, the model's greedy answers to this many of the
+    # first task's test questions: logged (metrics.jsonl rows with `probe/answers`), printed at
+    # the end of a job and shown in report.md. For reading what R's numbers mean; 0: none.
+    probes: int = 0
 
     def validate(self, at: str) -> None:
+        if self.probes < 0:
+            _fail(f"{at}.probes", self.probes, "must be >= 0")
         if self.max_nonfinite_steps < 0:
             _fail(f"{at}.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
         if self.max_learner_restarts < 0:

@@ -60,11 +60,12 @@ from sleep_ray.config import (
     save_config,
 )
 from sleep_ray.data import stream_from_config
+from sleep_ray.eval.evaluate import probe_examples
 from sleep_ray.model.state import list_checkpoints, write_checkpoint
 from sleep_ray.preflight import check_run_dir
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
-from sleep_ray.sleep.loop import RunRecord, task_batches, task_heldout, write_run
+from sleep_ray.sleep.loop import RunRecord, probe_row, task_batches, task_heldout, write_run
 from sleep_ray.sleep.seeding import StudentRequest, seeding_data
 from sleep_ray.timing import timed
 from sleep_ray.tracking import MetricsLogger
@@ -240,6 +241,8 @@ class SleepDriver:
 
     def _run_stream(self, max_steps: int | None) -> dict | None:
         tasks = self.stream.tasks
+        if self.clock.step == 0 and not any("probe/answers" in row for row in self.record.metrics):
+            self.probe(-1)
         for t in range(self.position.task, len(tasks)):
             if not self.learn_task(t, tasks[t], max_steps):
                 self.checkpoint()
@@ -425,6 +428,15 @@ class SleepDriver:
         self.record.R.append(row)
         self.log({"step": self.clock.step, "eval/after_task": t,
                   **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)}})
+        self.probe(t)
+
+    def probe(self, t: int) -> None:
+        """`run.probes` of the first task's questions answered by learner rank 0, after task `t`
+        (-1: before learning), as `LocalSleepRun.probe` does."""
+        questions = probe_examples(self.stream.tasks[0], self.cfg.run.probes)
+        if questions:
+            with self.record.timed("probe"):
+                self.log(probe_row(self.clock.step, t, ray.get(self.learners[0].probe.remote(questions))))
 
     def log(self, row: dict) -> None:
         """Keep the row in the run record and send it to every sink (`MetricsLogger`)."""

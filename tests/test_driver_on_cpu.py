@@ -27,7 +27,8 @@ SMALL = ["model.pretrain_steps=20", "data.num_tasks=2", "data.train_per_task=16"
          "seeding.steps=2", "seeding.num_samples=4", "seeding.max_new_tokens=8",
          "seeding.group_size=2", "seeding.tolerance=-1", "dreaming.num_dreams=4", "dreaming.top_k=1",
          "dreaming.num_random=1", "dreaming.max_new_tokens=8", "dreaming.inner_steps=2",
-         "dreaming.tau_examples=4", "rollout.backend=hf", "scorer.num_workers=2", "run.engine=ray"]
+         "dreaming.tau_examples=4", "rollout.backend=hf", "scorer.num_workers=2", "run.engine=ray",
+         "run.probes=2"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +67,11 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(ray_session, cfg, 
     assert_same_memory(read_memory_state(tmp_path / "memory.safetensors"), memory)
     assert summary["R"] == expected["R"] and summary["cycles"] == expected["cycles"] == 2
     assert summary["memory_versions"] == expected["memory_versions"]
+    # run.probes: the answers before learning (in the first part) and after each task.
+    assert summary["probes"] == expected["probes"] and len(summary["probes"]) == 3
     # The resumed part holds a whole sleep (step 8: 1 -> 2, 2 -> 3, a dream) and its phases.
     assert {"wake", "update", "consolidate_1_to_2", "consolidate_2_to_3", "dream", "sync",
-            "evaluate", "checkpoint"} <= summary["phase_seconds"].keys()
+            "evaluate", "probe", "checkpoint"} <= summary["phase_seconds"].keys()
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 

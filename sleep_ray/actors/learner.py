@@ -249,6 +249,11 @@ class LearnerWorker:
         return score_stream(L.model, L.tok, tuple(tasks), split, L.cfg.data.max_length,
                             L.cfg.data.max_new_tokens)
 
+    @compute_timed
+    def probe(self, examples: Sequence[Example]) -> list[dict[str, str]]:
+        """The model's answers to `examples`, for a person to read (`run.probes`)."""
+        return self.learner.probe(list(examples))
+
     # ------------------------------------------------------------------ state
 
     def version(self) -> int:

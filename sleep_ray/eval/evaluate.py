@@ -230,3 +230,32 @@ def heldout_score(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     if without:
         total += token_accuracy(model, tok, without, max_length) * len(without)
     return total / len(examples)
+
+
+def probe_examples(task: Task, n: int) -> list[Example]:
+    """`n` of the task's test questions, spread over the split (a facts task lists its questions
+    entity by entity: the first `n` would ask about one entity only)."""
+    if n <= 0 or not task.test:
+        return []
+    stride = max(1, len(task.test) // n)
+    return list(task.test[::stride][:n])
+
+
+def probe_answers(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
+                  max_length: int, max_new_tokens: int = 8) -> list[dict[str, str]]:
+    """What the model says to each example's prompt, for a person to read (R holds the scores):
+    its greedy completion up to the first line break, and for a question with choices the choice
+    it finds most likely (the one that scores it). One dict per example: question (on one line),
+    expected, answer, and chose when it has choices."""
+    if not examples:
+        return []
+    said = generate_greedy(model, tok, [e.prompt for e in examples], max_new_tokens,
+                           max_prompt_length=max_length)
+    out = [{"question": " ".join(e.prompt.split()), "expected": e.completion.strip(),
+            "answer": s.split("\n", 1)[0].strip()} for e, s in zip(examples, said)]
+    with_choices = [i for i, e in enumerate(examples) if e.choices]
+    if with_choices:
+        chosen = classify_by_likelihood(model, tok, [examples[i] for i in with_choices], max_length)
+        for i, c in zip(with_choices, chosen):
+            out[i]["chose"] = c.strip()
+    return out

@@ -299,8 +299,48 @@ def write_run_report(out_dir: str | Path, summary: Mapping, metrics: Sequence[Ma
         plot_phase_seconds(summary["phase_seconds"], out / "plots" / RUN_PLOTS[2])
         plots.append(RUN_PLOTS[2])
     path = out / "report.md"
-    path.write_text(run_report_markdown(summary, names, plots) + consolidation_markdown(metrics))
+    path.write_text(run_report_markdown(summary, names, plots) + consolidation_markdown(metrics)
+                    + probes_markdown(summary.get("probes") or []))
     return path
+
+
+def probe_when(after_task: int) -> str:
+    return "before learning" if after_task < 0 else f"after task {after_task + 1}"
+
+
+def probe_said(answer: Mapping) -> str:
+    """The answer as read: the choice it finds most likely, and what it says when that differs."""
+    if "chose" not in answer:
+        return answer["answer"]
+    return answer["chose"] if answer["answer"].startswith(answer["chose"]) else \
+        f"{answer['chose']} (says: {answer['answer']})"
+
+
+def probe_lines(probes: Sequence[Mapping], every: bool = False) -> list[str]:
+    """The probed questions, each with its answer before learning, after the first task and at
+    the end (`every`: after every task)."""
+    if not probes:
+        return []
+    shown = probes if every or len(probes) <= 3 else [probes[0], probes[1], probes[-1]]
+    lines = []
+    for i, first in enumerate(probes[0]["answers"]):
+        lines.append(f"{first['question']}  (expected: {first['expected']})")
+        lines += [f"  {probe_when(p['after_task'])}: {probe_said(p['answers'][i])}" for p in shown]
+    return lines
+
+
+def probes_markdown(probes: Sequence[Mapping]) -> str:
+    """`run.probes`: the first task's questions and the model's answers after every task."""
+    if not probes:
+        return ""
+    when = [probe_when(p["after_task"]) for p in probes]
+    lines = ["", "## The first task's questions, answered (`run.probes`)", "",
+             "| question | expected | " + " | ".join(when) + " |",
+             "|---|---|" + "---|" * len(when)]
+    for i, first in enumerate(probes[0]["answers"]):
+        cells = [probe_said(p["answers"][i]).replace("|", "\\|") for p in probes]
+        lines.append(f"| {first['question']} | {first['expected']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def consolidation_seconds(row: Mapping) -> float:

@@ -25,7 +25,7 @@ from sleep_ray.algo.cms import LevelOptimizer, make_optimizer
 from sleep_ray.algo.selection import mean_importance, random_selection, rest_em_filter, select_dreams
 from sleep_ray.config import SleepConfig
 from sleep_ray.data.collate import collate_examples, encode_pair
-from sleep_ray.eval.evaluate import heldout_score
+from sleep_ray.eval.evaluate import heldout_score, probe_answers
 from sleep_ray.model import memory as M
 from sleep_ray.model.state import export_memory_state
 from sleep_ray.sleep import dreaming
@@ -227,6 +227,10 @@ class Learner:
 
     def heldout_score(self, examples: Sequence[Example]) -> float:
         return heldout_score(self.model, self.tok, examples, self.cfg.data.max_length)
+
+    def probe(self, examples: Sequence[Example]) -> list[dict[str, str]]:
+        """The model's answers to `examples` as a person reads them (`run.probes`)."""
+        return probe_answers(self.model, self.tok, examples, self.cfg.data.max_length)
 
     def consolidate(self, source: int, target: int, data: SeedingData, seed: int) -> dict[str, float]:
         """`consolidation` with the student's samples drawn in this process."""

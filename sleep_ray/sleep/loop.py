@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sleep_ray.config import SleepConfig
-from sleep_ray.eval.evaluate import score_stream
+from sleep_ray.eval.evaluate import probe_examples, score_stream
 from sleep_ray.eval.metrics import summarize
 from sleep_ray.schedule import CMSClock, StepPlan
 from sleep_ray.sleep.generation import phase_seed
@@ -84,6 +84,10 @@ class RunRecord:
         out = {"cycles": self.cycles, "phase_seconds": dict(self.phase_seconds),
                "memory_versions": self.memory_versions, "R": self.R}
         out |= summarize(self.R) if self.R else {}
+        probes = [{"after_task": row["probe/after_task"], "answers": row["probe/answers"]}
+                  for row in self.metrics if "probe/answers" in row]
+        if probes:
+            out["probes"] = probes
         if cfg_dict is not None:
             out["config"] = cfg_dict
         return out
@@ -106,6 +110,7 @@ class LocalSleepRun:
             self._user_log(row)
 
     def run(self) -> RunRecord:
+        self.probe(-1)
         for t, task in enumerate(self.stream.tasks):
             self.learn_task(task)
             self.evaluate(t)
@@ -181,6 +186,24 @@ class LocalSleepRun:
                   **{f"eval/{task.name}": s for task, s in zip(self.stream.tasks, row)},
                   **{f"eval/route/{name}/{c}": share for name, census in routes.items()
                      for c, share in census.items()}})
+        self.probe(t)
+
+    def probe(self, t: int) -> None:
+        """`run.probes` of the first task's questions answered, after task `t` (-1: before
+        learning)."""
+        questions = probe_examples(self.stream.tasks[0], self.cfg.run.probes)
+        if questions:
+            with self.record.timed("probe"):
+                self.log(probe_row(self.clock.step, t, self.learner.probe(questions)))
+
+
+def probe_row(step: int, t: int, answers: list[dict[str, str]]) -> dict:
+    """The metrics row of one probe, logged as a person reads it too."""
+    when = "before learning" if t < 0 else f"after task {t + 1}"
+    for a in answers:
+        log.info("probe %s: %s -> %r (expected %r)", when, a["question"], a.get("chose", a["answer"]),
+                 a["expected"])
+    return {"step": step, "probe/after_task": t, "probe/answers": answers}
 
 
 def dream_task(cfg: SleepConfig, learner: Learner, task: Task) -> tuple[list[Example], list[Example]]:

@@ -133,3 +133,51 @@ def test_bad_inputs_raise(tiny):
         classify_by_likelihood(model, tok, [Example("t", "test", "hi", " there")], 64)
     with pytest.raises(ValueError, match="metric"):
         score_examples(model, tok, [Example("t", "test", "hi", " there")], "bleu", 64)
+
+
+def test_probe_examples_are_spread_over_the_test_split():
+    from sleep_ray.eval.evaluate import probe_examples
+
+    test = tuple(Example("t", "test", f"q{i}", f" a{i}") for i in range(12))
+    task = Task("t", (), (), test, "accuracy")
+    assert [e.prompt for e in probe_examples(task, 3)] == ["q0", "q4", "q8"]
+    assert [e.prompt for e in probe_examples(task, 5)] == ["q0", "q2", "q4", "q6", "q8"]
+    assert len(probe_examples(task, 40)) == 12 and probe_examples(task, 0) == []
+
+
+def test_probe_answers_say_the_greedy_completion_and_the_likeliest_choice(tiny, trained):
+    from sleep_ray.eval.evaluate import probe_answers
+
+    with_choices = Example("t", "test", PROMPT, " balance", INTENTS)
+    without = Example("t", "test", PAIRS[0][0], PAIRS[0][1])
+    # The model trained to complete PROMPT with " balance", then EOS: said and chosen.
+    model, tok = trained
+    assert probe_answers(model, tok, [with_choices], max_length=64) == [
+        {"question": " ".join(PROMPT.split()), "expected": "balance", "answer": "balance", "chose": "balance"}]
+    # Any model: the greedy completion's first line, and the choice that scores the question.
+    model, tok = tiny
+    out = probe_answers(model, tok, [with_choices, without], max_length=64, max_new_tokens=6)
+    said = generate_greedy(model, tok, [PROMPT, PAIRS[0][0]], 6, max_prompt_length=64)
+    assert out[0] == {"question": "utterance: what is my account balance intent:", "expected": "balance",
+                      "answer": said[0].split("\n")[0].strip(),
+                      "chose": classify_by_likelihood(model, tok, [with_choices], 64)[0].strip()}
+    assert out[1] == {"question": PAIRS[0][0], "expected": "a small bird",
+                      "answer": said[1].split("\n")[0].strip()}
+
+
+def test_probe_lines_show_before_after_the_first_task_and_the_end():
+    from sleep_ray.eval.report import probe_lines, probes_markdown
+
+    def at(t, chose, says):
+        return {"after_task": t, "answers": [{"question": "Q?", "expected": "Sarun",
+                                              "answer": says, "chose": chose}]}
+
+    probes = [at(-1, "Datel", "I do not know"), at(0, "Sarun", "Sarun."), at(1, "Sarun", "Sarun"),
+              at(2, "Mivo", "Mivo")]
+    assert probe_lines(probes) == ["Q?  (expected: Sarun)",
+                                   "  before learning: Datel (says: I do not know)",
+                                   "  after task 1: Sarun", "  after task 3: Mivo"]
+    assert len(probe_lines(probes, every=True)) == 5 and probe_lines([]) == []
+    table = probes_markdown(probes).splitlines()
+    assert table[3] == "| question | expected | before learning | after task 1 | after task 2 | after task 3 |"
+    assert table[5] == "| Q? | Sarun | Datel (says: I do not know) | Sarun | Sarun | Mivo |"
