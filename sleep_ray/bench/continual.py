@@ -38,6 +38,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -421,9 +422,53 @@ def summary_markdown(summary: dict, commands: list[str], header: dict[str, str])
                               "final scores": " ".join(f"{x:.2f}" for x in fs["values"][i]) if fs else "-",
                               "seconds": e["seconds"]["values"][i], "folder": e["folders"][i]})
     lines += [markdown(pd.DataFrame(seed_rows)), ""]
+    if summary.get("consolidations"):
+        lines += ["## Sleep's consolidations over seeds", "",
+                  "kept = held-out score of what the source level held, after / before (each seed's "
+                  "events averaged first; the lowest event of any seed beside it).", ""]
+        lines += [markdown(pd.DataFrame([{
+            "consolidation": c["consolidation"], "seeds (events)": f"{c['seeds']} ({c['events']})",
+            "kept": stats_cell(c["kept"], c["seeds"]), "lowest event": f"{c['lowest']:.3f}",
+            "held-out before → after": f"{c['score_before']:.3f} → {c['score_after']:.3f}",
+            "seeding steps": f"{c['seed_steps']:.1f}", "route share": f"{c['route_share']:.2f}",
+            "seconds": f"{c['seconds']:.0f}"} for c in summary["consolidations"]])), ""]
     if summary["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
     return "\n".join(lines)
+
+
+def consolidations_over_seeds(runs: list[SavedRun]) -> list[dict]:
+    """Sleep's consolidations in the runs' raw.json, per kind (1 -> 2, 2 -> 3): kept mean ± std
+    over seeds (each seed's events averaged first) and the lowest event; the means over seeds of
+    the held-out scores, seeding steps, route share and seconds (D's sampling included)."""
+    from sleep_ray.eval.report import consolidation_seconds
+
+    kinds: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        raw = run.folder / "raw.json"
+        results = json.loads(raw.read_text()) if raw.exists() else []
+        for row in (r for result in results if result.get("method") == "sleep"
+                    for r in result.get("consolidations", [])):
+            if not row.get("consolidate/skipped") and row.get("consolidate/kept") == row.get("consolidate/kept"):
+                kind = f"{int(row['consolidate/source'])} -> {int(row['consolidate/target'])}"
+                kinds[kind][run.seed].append(row)
+
+    def seed_means(by_seed: dict[int, list[dict]], value) -> list[float]:
+        return [statistics.fmean(value(r) for r in rows) for rows in by_seed.values()]
+
+    table = []
+    for kind, by_seed in sorted(kinds.items()):
+        kept = seed_means(by_seed, lambda r: r["consolidate/kept"])
+        table.append({"consolidation": kind, "seeds": len(by_seed),
+                      "events": sum(map(len, by_seed.values())), "kept": _stats(kept),
+                      "lowest": min(r["consolidate/kept"] for rows in by_seed.values() for r in rows),
+                      **{name: statistics.fmean(seed_means(by_seed, lambda r, k=key: r.get(k, math.nan)))
+                         for name, key in (("score_before", "consolidate/score_before"),
+                                           ("score_after", "consolidate/score_after"),
+                                           ("seed_steps", "seed/steps"),
+                                           ("route_share", "consolidate/route_share"))},
+                      "seconds": statistics.fmean(seed_means(by_seed, consolidation_seconds))})
+    return table
 
 
 def build_summary(runs: list[SavedRun], command: str, header: dict[str, str], notes: list[str] = (),
@@ -472,6 +517,10 @@ def write_summary(out: Path, runs: list[SavedRun], command: str, header: dict[st
                   keep_seeds: list[int] | None = None) -> str:
     """summary.md and summary.json in `out` from the runs; returns the markdown."""
     summary = build_summary(runs, command, header, notes, table_only, keep_methods, keep_seeds)
+    sleep = next((e for e in summary["methods"] if e["method"] == "sleep"), None)
+    if sleep:  # the seeds and folders counted for sleep
+        folders = {Path(f) for f in sleep["folders"]}
+        summary["consolidations"] = consolidations_over_seeds([r for r in runs if r.folder in folders])
     text = summary_markdown(summary, summary["commands"], summary["header"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)

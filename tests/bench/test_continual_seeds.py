@@ -100,6 +100,40 @@ def test_seed_folders_mean_and_sample_std_by_hand(tmp_path, quiet):
     assert "| sleep | 1 | 0.600 | -0.200 | 0.200 | 0.800 | 0.50 0.70 | 20.000 |" in md  # each seed
 
 
+def _event(source, kept, steps=0.0, seconds=10.0):
+    return {"step": 100, "consolidate/source": source, "consolidate/target": source + 1,
+            "consolidate/kept": kept, "consolidate/score_before": 0.5, "consolidate/score_after": 0.5 * kept,
+            "seed/steps": steps, "consolidate/route_share": 1.0, "consolidate/seconds": seconds,
+            "consolidate/seconds_sampling": 2.0}
+
+
+def test_sleeps_consolidations_over_seeds_by_hand(tmp_path, quiet):
+    # raw.json's consolidation rows of the sleep runs: per kind, each seed's events averaged
+    # first, then mean ± sample std over seeds, and the lowest event; skipped events left out.
+    events = {0: [_event(1, 1.0, 3), _event(1, 0.8, 1), _event(2, 1.0)],
+              1: [_event(1, 0.9, 2), _event(1, 1.1, 0), _event(2, 0.7), {**_event(2, 0.1), "consolidate/skipped": 1}],
+              2: [_event(1, 1.0, 0), _event(1, 1.0, 0), _event(2, 1.0, seconds=40.0)]}
+    for seed in range(3):
+        folder = tmp_path / f"seed{seed}"
+        _write_run(folder, ("config",), [("sleep", seed), ("naive_memory", seed)])
+        (folder / "raw.json").write_text(json.dumps([
+            MethodResult("sleep", [[0.0]], 1.0, consolidations=events[seed]).__dict__,
+            MethodResult("naive_memory", [[0.0]], 1.0).__dict__]))
+    md = continual.main(["--table-only", "--output", str(tmp_path)])
+    table = {c["consolidation"]: c for c in json.loads((tmp_path / "summary.json").read_text())["consolidations"]}
+    # 1 -> 2: seed means 0.9, 1.0, 1.0 -> 0.9667 ± 0.0577; lowest 0.8; steps (2 + 1 + 0) / 3
+    one = table["1 -> 2"]
+    assert (one["seeds"], one["events"], one["lowest"]) == (3, 6, 0.8)
+    assert one["kept"]["mean"] == pytest.approx(2.9 / 3) and one["kept"]["std"] == pytest.approx(math.sqrt(0.01 / 3))
+    assert one["seed_steps"] == pytest.approx(1.0) and one["seconds"] == pytest.approx(12.0)
+    # 2 -> 3: 1.0, 0.7, 1.0 -> 0.9 ± 0.1732; seconds (12 + 12 + 42) / 3
+    two = table["2 -> 3"]
+    assert (two["events"], two["lowest"]) == (3, 0.7) and two["kept"]["mean"] == pytest.approx(0.9)
+    assert two["kept"]["std"] == pytest.approx(math.sqrt(0.03)) and two["seconds"] == pytest.approx(22.0)
+    assert two["score_after"] == pytest.approx(0.45)
+    assert "| 2 -> 3 | 3 (3) | 0.900 ± 0.173 | 0.700 | 0.500 → 0.450 | 0.0 | 1.00 | 22 |" in md
+
+
 def test_separate_method_and_seed_folders_at_any_depth(tmp_path, quiet):
     # seeds read from config.yaml, report.md's "- seed:" line, or the folder's name; nested deeper
     # too; without R.csv the final scores come from results.csv's "final scores" column.
