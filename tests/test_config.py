@@ -37,6 +37,18 @@ def test_benchmark_windows_do_not_mark_task_boundaries(path):
         assert w == 0 or (per_task % w and w % per_task), (level, w, per_task)
 
 
+def test_the_demo_runs_the_measured_method():
+    # `make demo` (jobs/configs/smollm2_facts.yaml) is real.yaml's memory and method on a smaller
+    # stream: only the windows (sized to its 72-step tasks), the held-out slice, the engine and
+    # the probes differ.
+    demo = config_to_dict(load_config(ROOT / "jobs/configs/smollm2_facts.yaml"))
+    real = config_to_dict(load_config(ROOT / "benchmarks/configs/real.yaml"))
+    for section in ("model", "memory", "seeding", "dreaming", "schedule"):
+        differ = {k for k in demo[section] if demo[section][k] != real[section][k]}
+        assert differ <= {"windows", "heldout_size"}, (section, differ)
+    assert demo["schedule"]["windows"] == [64, 128, 0] and 72 % 64 and 144 % 128  # 72-step tasks
+
+
 def test_shipped_yamls_exist():
     assert list(ROOT.glob("jobs/configs/*.yaml")), "jobs/configs/ must ship at least one config"
 
@@ -66,12 +78,20 @@ def test_dotted_overrides_parse_yaml_values():
     (["memory.capacity=[1, 4]"], "memory.top_k", ""),
     (["dreaming.top_k=8", "dreaming.num_random=4"], "dreaming.top_k", "8"),
     (["model.num_kv_heads=3"], "model.num_kv_heads", "3"),
+    (["run.engine=ray", "rollout.backend=vllm", "memory.routing=sequence"], "memory.routing", "sequence"),
+    (["run.probes=-1"], "run.probes", "-1"),
 ])
 def test_bad_values_name_the_field_and_value(overrides, field, value):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     message = str(err.value)
     assert field in message and value in message
+
+
+def test_sequence_routing_runs_where_its_rollout_engine_carries_it():
+    # The vLLM rollout engine routes per token only; the HF one and the one-process run take both.
+    for ok in (["run.engine=ray", "rollout.backend=hf"], ["run.engine=local", "rollout.backend=vllm"]):
+        assert load_config(None, ok + ["memory.routing=sequence"]).memory.routing == "sequence"
 
 
 def test_levels_must_agree_between_memory_and_schedule():
