@@ -12,7 +12,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 # tests/conftest.py puts the files holding a slow test first, and xdist keeps that order.
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: install demo test test-fast lint bench-footprint clean
+.PHONY: install demo demo-tiny test test-fast lint bench-footprint clean
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
+# SmolLM2-135M learns two tasks of invented facts on a local Ray instance (jobs/configs/smollm2_facts.yaml).
 demo: install
-	$(PY) jobs/tiny_sleep.py --output runs/demo
+	$(PY) benchmarks/make_facts.py --out runs/demo_facts.jsonl --tasks 2 --entities 8
+	$(VENV)/bin/sleep-ray run --config jobs/configs/smollm2_facts.yaml --output runs/demo
+
+# The tiny Qwen3 (built and pretrained offline) over three synthetic languages: the whole system in ~2 minutes.
+demo-tiny: install
+	$(PY) jobs/tiny_sleep.py --output runs/demo-tiny
 
 test: install lint
 	$(PYTEST)
