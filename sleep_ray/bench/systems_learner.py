@@ -519,3 +519,62 @@ def consolidation_rows(quick: bool) -> list[Row]:
                          "consolidate/route_share": st.get("consolidate/route_share", math.nan),
                          "cpu_seconds": cpu, "cpu_ratio": cpu["wake"] / cpu["consolidation"],
                          "result": r, "notes": notes})]
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "smollm2_facts.yaml"
+
+
+def _whole_run_setup(quick: bool):
+    """(config, stream) of row 9. Full: `make demo`'s config and stream (SmolLM2-135M, two facts
+    tasks of 8 entities), run in this process; quick: the tiny default on two small facts tasks."""
+    from sleep_ray.data.facts import facts_stream
+
+    if quick:
+        cfg = tiny_config(True, ["schedule.windows=[4, 8, 0]", "run.epochs_per_task=2",
+                                 "data.batch_size=4", "dreaming.enabled=false", "seeding.steps=2",
+                                 "seeding.num_samples=4", "seeding.max_new_tokens=8",
+                                 "seeding.heldout_size=4"])
+        return cfg, facts_stream(num_tasks=2, entities_per_task=3, attributes_per_entity=2)
+    cfg = load_config(DEMO_CONFIG, ["run.engine=local"])
+    return cfg, facts_stream(num_tasks=2, entities_per_task=8)
+
+
+def whole_run_rows(quick: bool) -> list[Row]:
+    """Row 9: Sleep's whole run against naive fine-tuning's (`naive_memory`: the same memory
+    parameters trained by wake steps alone, never consolidated), the same stream, batches and
+    wake steps, one after the other in this process, each timed as `bench continual` times a
+    method (evaluation after each task included in both)."""
+    from sleep_ray.baselines.config import BaselineConfig
+    from sleep_ray.bench.continual import run_method
+    from sleep_ray.eval.metrics import summarize
+    from sleep_ray.eval.report import consolidation_seconds
+
+    cfg, stream = _whole_run_setup(quick)
+    with _threads(1):
+        naive = run_method("naive_memory", cfg, stream, BaselineConfig())
+        sleep = run_method("sleep", cfg, stream, BaselineConfig())
+    events = [r for r in sleep.consolidations if not r.get("consolidate/skipped")]
+    asleep = sum(map(consolidation_seconds, events))
+    scores = sum(r.get("consolidate/seconds_score", 0.0) for r in events)
+    steps = sum(-(-len(t.train) // cfg.data.batch_size) for t in stream.tasks) * cfg.run.epochs_per_task
+    label = "tiny" if quick else "SmolLM2-135M"
+    acc = {m.method: summarize(m.R)["acc"] for m in (naive, sleep)}
+    notes = [f"{cfg.model.name_or_path}, {len(stream.tasks)} facts tasks "
+             f"({', '.join(f'{t.name}: {len(t.train)} train' for t in stream.tasks)}), batch "
+             f"{cfg.data.batch_size}, {cfg.run.epochs_per_task} epochs: {steps} wake steps for each method",
+             f"sleep: {sleep.seconds:.1f} s, of which {len(events)} consolidations {asleep:.1f} s "
+             f"(their held-out scores, which only measure kept: {scores:.1f} s); ACC {acc['sleep']:.3f}",
+             f"naive_memory: {naive.seconds:.1f} s; ACC {acc['naive_memory']:.3f}",
+             "one run each, naive first, then sleep; 1 torch thread; model builds included in both"]
+    return [Row(name=f"Sleep's whole run vs naive fine-tuning's, same stream and wake steps ({label})",
+                baseline_label=f"naive_memory: {steps} wake steps", baseline=naive.seconds,
+                ours_label="sleep: the same wake steps and its sleeps", ours=sleep.seconds, unit="s",
+                ratio=naive.seconds / sleep.seconds, goal=0.5,
+                limits=(f"the sleeps: {asleep / sleep.seconds:.0%} of Sleep's wall "
+                        f"({scores / max(asleep, 1e-9):.0%} of them the held-out scores of kept)"),
+                details={"reps": 1, "model": cfg.model.name_or_path, "wake_steps": steps,
+                         "sleep_seconds": sleep.seconds, "naive_seconds": naive.seconds,
+                         "consolidation_seconds": asleep, "score_seconds": scores,
+                         "consolidations": len(events), "acc": acc,
+                         "without_scores_ratio": naive.seconds / (sleep.seconds - scores),
+                         "notes": notes})]

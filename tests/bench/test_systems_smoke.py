@@ -1,4 +1,4 @@
-"""The systems benchmark: a quick end-to-end run (all eight rows, tiny sizes, one repetition), the
+"""The systems benchmark: a quick end-to-end run (all nine rows, tiny sizes, one repetition), the
 actor telemetry helper, and the overhead arithmetic on numbers worked out by hand. No timing is
 asserted anywhere."""
 
@@ -94,7 +94,7 @@ def test_run_systems_quick(tmp_path):
     md = (tmp_path / "systems.md").read_text()
     report = json.loads((tmp_path / "systems.json").read_text())
     indices = {row["index"] for row in report["rows"]}
-    assert indices == {1, 2, 3, 4, 5, 6, 7, 8}
+    assert indices == {1, 2, 3, 4, 5, 6, 7, 8, 9}
     for group in S.ROW_GROUPS:
         assert f"| {group.index} |" in md
     assert "python benchmarks/systems.py" in md and "torch" in report["versions"]
@@ -113,6 +113,9 @@ def test_run_systems_quick(tmp_path):
     assert by_index[7]["details"]["result"]["max_abs_tau_diff"] < 1e-4  # batched == loop copies
     assert by_index[8]["details"]["wake_steps"] == by_index[8]["details"]["window"]  # one window
     assert by_index[8]["baseline"] > 0 and by_index[8]["ours"] > 0
+    nine = by_index[9]["details"]  # both methods over the same wake steps; Sleep slept
+    assert nine["consolidations"] > 0 and 0 < nine["consolidation_seconds"] < nine["sleep_seconds"]
+    assert by_index[9]["ratio"] == pytest.approx(nine["naive_seconds"] / nine["sleep_seconds"])
 
 
 def _assert_rollout_rows(rows: list[dict]) -> None:
