@@ -36,8 +36,9 @@
    the share of general prompts whose greedy answer is unchanged, memory versions, sleeps, wall
    times, the exact command.
 
-Why `DEFAULT_OVERRIDES`: `memory.routing=token` (the vLLM serving engine routes per token only;
-real.yaml's sequence routing is refused there); `rollout.backend=hf` (the learner's seeding
+Why `DEFAULT_OVERRIDES`: `memory.routing=token` (the vLLM serving engine routed per token only
+when docs/results.md's runs were made; it serves sequence routing since, `--set
+memory.routing=sequence`); `rollout.backend=hf` (the learner's seeding
 samples with transformers, not a second vLLM engine on the 2 cores); `schedule.windows=[0, 0, 0]`
 with `serve.learn.idle_seconds=30` (no sleep in the middle of the teaching: the deployment sleeps
 once, 1 -> 2, when it has been idle for 30 s after the last wake step; `--set

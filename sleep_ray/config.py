@@ -615,11 +615,6 @@ class SleepConfig:
             _fail("memory.gate_scope", self.memory.gate_scope, "wake inputs are the fast level's "
                   f"alone, so no slower level can take wake gradients (schedule.wake_levels="
                   f"{list(self.schedule.wake_levels)})")
-        if self.run.engine == "ray" and self.rollout.backend == "vllm" and self.memory.routing == "sequence":
-            # Said here, not a minute later from inside the rollout actor's vLLM engine.
-            _fail("memory.routing", self.memory.routing, "the vLLM rollout engine routes per token "
-                  "only (a request's running prefix mean is state its flattened batch does not "
-                  "carry); with run.engine=ray use rollout.backend=hf, or memory.routing=token")
         for layer in self.memory.layers:
             if self.model.name_or_path == "tiny" and layer >= self.model.num_layers:
                 _fail("memory.layers", self.memory.layers,

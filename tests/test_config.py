@@ -78,7 +78,6 @@ def test_dotted_overrides_parse_yaml_values():
     (["memory.capacity=[1, 4]"], "memory.top_k", ""),
     (["dreaming.top_k=8", "dreaming.num_random=4"], "dreaming.top_k", "8"),
     (["model.num_kv_heads=3"], "model.num_kv_heads", "3"),
-    (["run.engine=ray", "rollout.backend=vllm", "memory.routing=sequence"], "memory.routing", "sequence"),
     (["run.probes=-1"], "run.probes", "-1"),
 ])
 def test_bad_values_name_the_field_and_value(overrides, field, value):
@@ -86,12 +85,6 @@ def test_bad_values_name_the_field_and_value(overrides, field, value):
         load_config(None, overrides)
     message = str(err.value)
     assert field in message and value in message
-
-
-def test_sequence_routing_runs_where_its_rollout_engine_carries_it():
-    # The vLLM rollout engine routes per token only; the HF one and the one-process run take both.
-    for ok in (["run.engine=ray", "rollout.backend=hf"], ["run.engine=local", "rollout.backend=vllm"]):
-        assert load_config(None, ok + ["memory.routing=sequence"]).memory.routing == "sequence"
 
 
 def test_levels_must_agree_between_memory_and_schedule():

@@ -83,8 +83,4 @@ def memory_config_from_hf(hf_config) -> tuple[MemoryConfig, int]:
               if k not in ("seed", "version")}
     cfg = MemoryConfig(**values)
     cfg.validate(CONFIG_KEY)
-    if cfg.routing != "token":
-        raise ValueError(f"{CONFIG_KEY}.routing={cfg.routing!r}: the vLLM engine supports per-token "
-                         "routing only (sequence routing keeps per-request state that vLLM's "
-                         "flattened batch does not carry); use rollout.backend=hf")
     return cfg, int(raw.get("seed", 0))

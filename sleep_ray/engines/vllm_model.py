@@ -10,9 +10,11 @@ Parameter names are ours (`model.layers.{i}.memory.levels.{l}.A.{e}`, ...), so a
 by `save_for_vllm` and every later `MemoryState` load by name; the memory config travels in the
 checkpoint's config.json as a `sleep_memory` dict (vllm_checkpoint.py). vLLM hands a layer its
 tokens flattened as (num_tokens, d); the pools see them as one (1, num_tokens, d) batch, which is
-exact for per-token routing. Sequence routing needs per-request state that vLLM's flat batch does
-not carry, and the router branches in Python on the dream switch, which neither torch.compile
-(fullgraph) nor CUDA graphs can capture: both are refused with an error that says so.
+exact for per-token routing. Sequence routing (each token routed on its request's running prefix
+mean) reads the step's attention metadata and keeps the running sums by KV-cache slot
+(`prefix_sums.py`, `_SequenceRoutes`). The router branches in Python on the dream switch, which
+neither torch.compile (fullgraph) nor CUDA graphs can capture: both are refused with an error
+that says so.
 Imported only inside vLLM's processes (through the plugin's lazy registration).
 """
 
@@ -27,8 +29,46 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
+from sleep_ray.engines.prefix_sums import flat_prefix_means
 from sleep_ray.engines.vllm_checkpoint import CONFIG_KEY, memory_config_from_hf
 from sleep_ray.model.memory import LayerMemory, link_routing
+
+
+class _SequenceRoutes:
+    """Sequence routing's route inputs for one memory layer's pools in vLLM's flat batch: the
+    prefix means of `flat_prefix_means`, from the step's attention metadata, with this layer's
+    running sums by KV slot. Every pool of the layer asks with the same input: computed once."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.sums = torch.zeros(0, 0)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (1, N, d) -> (1, N, d)
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        meta = _step_metadata()
+        if meta is None:  # vLLM's dummy runs (profiling, warm-up): nothing to carry
+            return x
+        if self.sums.shape[-1] != x.shape[-1] or self.sums.device != x.device:
+            self.sums = torch.zeros(0, x.shape[-1], dtype=torch.float32, device=x.device)
+        means, self.sums = flat_prefix_means(x[0], meta.query_start_loc, meta.seq_lens, meta.block_table,
+                                             meta.slot_mapping, self.block_size, self.sums)
+        self._last = (x, means[None])
+        return self._last[1]
+
+
+def _step_metadata():
+    """This forward pass's attention metadata (any layer's: they share the batch layout), or
+    None outside a scheduled step."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):  # micro-batches: not used by this engine's settings
+        raise RuntimeError("sequence routing under vLLM's micro-batching is not supported")
+    return next(iter(meta.values()), None) if meta else None
 
 
 def _add_flat_memory_hook(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -62,7 +102,13 @@ class SleepMemoryMixin:
             layer.memory = memory.to(device=ref.device, dtype=ref.dtype)
             object.__setattr__(layer.mlp, "_sleep_memory", layer.memory)
             layer.mlp.register_forward_hook(_add_flat_memory_hook)
-        link_routing([m for m in self.modules() if isinstance(m, LayerMemory)], cfg.shared_routing)
+        memories = [m for m in self.modules() if isinstance(m, LayerMemory)]
+        link_routing(memories, cfg.shared_routing)
+        if cfg.routing == "sequence":
+            for memory in memories:
+                routes = _SequenceRoutes(vllm_config.cache_config.block_size)
+                for pool in memory.levels:
+                    pool.prefix_source = routes
 
     def _memory_targets(self) -> dict[str, torch.Tensor]:
         named = dict(self.named_parameters())

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,9 @@ class ExpertPool(nn.Module):
         self.routes = True
         self.shared: dict[int, torch.Tensor] | None = None
         self.route_mask: torch.Tensor | None = None  # (B, T_total) real tokens, sequence routing
+        # An engine that keeps each request's running prefix sums itself (vLLM's flat batch:
+        # `engines/vllm_model.py`) gives sequence routing's route inputs here: x -> prefix means.
+        self.prefix_source: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Level gate: the scores the layer computed for this call and whether this level takes
         # part, (B, T, 1); set by `LayerMemory.forward` and used once by `routed_gates`.
         self.decision: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -318,6 +321,8 @@ class ExpertPool(nn.Module):
         """
         if not self.sequence_routing:
             return x
+        if self.prefix_source is not None:
+            return self.prefix_source(x)
         m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
         if self.route_mask is not None and self.route_mask.shape[0] == x.shape[0]:
             m = self.route_mask[:, -x.shape[1]:].to(x.dtype)

@@ -79,11 +79,11 @@ def test_save_for_vllm_refuses_architectures_without_a_vllm_class(hf, engine_cfg
         save_for_vllm(nn.Linear(2, 2), hf.tok, engine_cfg, tmp_path)
 
 
-def test_vllm_memory_config_refuses_sequence_routing(engine_cfg):
+def test_vllm_memory_config_reads_what_save_for_vllm_wrote(engine_cfg):
     from sleep_ray.config import config_to_dict
 
-    raw = dict(config_to_dict(engine_cfg.memory), routing="sequence")
-    with pytest.raises(ValueError, match="routing='sequence'.*per-token routing only"):
-        memory_config_from_hf({CONFIG_KEY: raw})
+    raw = dict(config_to_dict(engine_cfg.memory), routing="sequence", seed=3)
+    cfg, seed = memory_config_from_hf({CONFIG_KEY: raw})
+    assert cfg.routing == "sequence" and seed == 3 and cfg.capacity == engine_cfg.memory.capacity
     with pytest.raises(ValueError, match="no 'sleep_memory'"):
         memory_config_from_hf({})
