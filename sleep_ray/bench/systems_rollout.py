@@ -72,8 +72,14 @@ FULL_SIZE = RolloutSize(prompts=32, prompt_tokens=(16, 48), max_new_tokens=64, r
 FULL_SIZE_100M = RolloutSize(prompts=32, prompt_tokens=(16, 48), max_new_tokens=32, reps=3)
 
 
-def model_config(overrides: list[str]) -> SleepConfig:
-    return load_config(None, _RANDOM_INIT + overrides)
+# The real backbone with the measured method's memory (sequence routing, discriminant routers,
+# the level gate, blocks): benchmarks/configs/real.yaml. Its label in `rollout_models`.
+REAL_CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "real.yaml"
+REAL = "smollm2-135m"
+
+
+def model_config(overrides: list[str], label: str = "") -> SleepConfig:
+    return load_config(REAL_CONFIG if label == REAL else None, _RANDOM_INIT + overrides)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -192,18 +198,19 @@ def rollout_models(quick: bool) -> list[tuple[str, list[str], RolloutSize]]:
     """(label, config overrides, size) of row 1's models; the last is row 2's model too."""
     if quick:
         return [("tiny", [], QUICK_SIZE), ("small", QWEN3_SMALL, QUICK_SIZE)]
-    return [("tiny", [], FULL_SIZE), ("qwen3-100m", QWEN3_100M, FULL_SIZE_100M)]
+    return [("tiny", [], FULL_SIZE), (REAL, [], FULL_SIZE), ("qwen3-100m", QWEN3_100M, FULL_SIZE_100M)]
 
 
 def rollout_rows(quick: bool, publish: bool = False) -> tuple[list[Row], Row | None]:
-    """Row 1: the tiny default model, and the ~100M Qwen3 (a small one when `quick`). With
+    """Row 1: the tiny default model, SmolLM2-135M with real.yaml's memory, and the ~100M Qwen3
+    (quick: the tiny one and a small Qwen3). With
     `publish`, row 2's timed row too, on the second model's engine (row 2's model: `publish_rows`)."""
     runs = rollout_models(quick)
     rows, published = [], None
     with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_rollout_") as tmp:
         for i, (label, overrides, size) in enumerate(runs):
             reps = publish_reps(quick) if publish and i == len(runs) - 1 else 0
-            row, timed = rollout_row(label, model_config(overrides), size, Path(tmp), reps)
+            row, timed = rollout_row(label, model_config(overrides, label), size, Path(tmp), reps)
             rows.append(row)
             published = timed or published
     return rows, published
@@ -339,5 +346,5 @@ def publish_rows(quick: bool, timed: Row | None = None) -> list[Row]:
     if timed is None:
         label, overrides, _ = rollout_models(quick)[-1]
         with tempfile.TemporaryDirectory(prefix="sleep_ray_sys_publish_") as tmp:
-            timed = publish_time_row(label, model_config(overrides), publish_reps(quick), Path(tmp))
+            timed = publish_time_row(label, model_config(overrides, label), publish_reps(quick), Path(tmp))
     return [timed, publish_bytes_row()]
