@@ -10,7 +10,7 @@ Rows (each a pair measured in the same run, on the same model and data; `Row` in
 2. memory publish vs full reload )
 3. importance: batched per-sample gradients vs one backward per dream   ) `bench/systems_learner.py`
 4. knowledge seeding tokens/s vs TRL's `GKDTrainer`                     )
-   (same tiny model, data, beta, lambda, steps)
+   (same model, data, beta, lambda, steps: the tiny default, and SmolLM2-135M in full mode)
 5. driver overhead: the fraction of the wake/sleep cycle's wall time outside actor work, per
    phase, on the tiny default over Ray; extrapolated to Qwen3-8B (assumptions in the details)
 6. peak resident memory of each actor type (same run as 5)
