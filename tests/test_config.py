@@ -49,6 +49,18 @@ def test_the_demo_runs_the_measured_method():
     assert demo["schedule"]["windows"] == [64, 128, 0] and 72 % 64 and 144 % 128  # 72-step tasks
 
 
+def test_the_real_ablation_base_is_the_measured_method_with_dreams():
+    # benchmarks/configs/real_ablation.yaml: real.yaml's memory and method, dreaming on, windows
+    # sized to its 56-step facts tasks (boundary at 56, 112) and 8 held-out questions.
+    base = config_to_dict(load_config(ROOT / "benchmarks/configs/real_ablation.yaml"))
+    real = config_to_dict(load_config(ROOT / "benchmarks/configs/real.yaml"))
+    for section in ("model", "memory", "seeding", "dreaming", "schedule", "data", "run"):
+        differ = {k for k in base[section] if base[section][k] != real[section][k]}
+        assert differ <= {"windows", "heldout_size", "enabled"}, (section, differ)
+    assert base["dreaming"]["enabled"] and not real["dreaming"]["enabled"]
+    assert base["schedule"]["windows"] == [48, 96, 0] and 56 % 48 and 112 % 96
+
+
 def test_shipped_yamls_exist():
     assert list(ROOT.glob("jobs/configs/*.yaml")), "jobs/configs/ must ship at least one config"
 

@@ -123,10 +123,20 @@ def _task_steps(cfg) -> int:
     return math.ceil(cfg.data.train_per_task / cfg.data.batch_size) * cfg.run.epochs_per_task
 
 
-def test_every_ablation_row_validates_on_its_base_config(monkeypatch):
+# Each rows file, the base it is written for, and its stream's wake steps per task and tasks
+# (None: from the config's languages stream; the real base's facts stream is 54 train records at
+# batch 8 for 8 epochs, two tasks: benchmarks/configs/real_ablation.yaml's make_facts command).
+ROWS_FILES = [
+    (ablation.DEFAULT_ROWS, "benchmarks/configs/languages_3levels.yaml", None),
+    ("benchmarks/ablations_real.yaml", "benchmarks/configs/real_ablation.yaml", (56, 2)),
+]
+
+
+@pytest.mark.parametrize("rows_file, written_for, stream", ROWS_FILES)
+def test_every_ablation_row_validates_on_its_base_config(monkeypatch, rows_file, written_for, stream):
     monkeypatch.chdir(REPO)
-    rows = ablation.load_rows(ablation.DEFAULT_ROWS)
-    assert rows.written_for == "benchmarks/configs/languages_3levels.yaml"
+    rows = ablation.load_rows(rows_file)
+    assert rows.written_for == written_for
     base = ablation.resolve_written_for(rows)
     assert list(rows.rows) == ["full", "no_dreaming", "no_injection", "random_selection", "no_lti",
                                "levels_2", "levels_4", "update"]
@@ -144,8 +154,8 @@ def test_every_ablation_row_validates_on_its_base_config(monkeypatch):
         assert changed <= {o.split("=", 1)[0] for o in overrides}, (name, changed)
         # the learner is never told where a task ends: no window divides the task, no
         # consolidation falls on a task boundary, and every window runs in the stream
-        task = _task_steps(cfg)
-        total = task * cfg.data.num_tasks
+        task, tasks = stream or (_task_steps(cfg), cfg.data.num_tasks)
+        total = task * tasks
         for w in cfg.schedule.windows:
             if w:
                 assert task % w and w <= total, (name, w, task)
