@@ -150,9 +150,10 @@ class RolloutWorker:
 
     @compute_timed
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
-                 seed: int, dream: bool = False, state: ModelState | None = None) -> list[list[int]]:
-        """Completion ids per prompt, cut after the first EOS. `dream`: dreaming mode as the
-        config sets it (random expert injection, dreamer adapter)."""
+                 seed: int, dream: bool = False, state: ModelState | None = None,
+                 min_new_tokens: int = 0) -> list[list[int]]:
+        """Completion ids per prompt, cut after the first EOS (none before `min_new_tokens`).
+        `dream`: dreaming mode as the config sets it (random expert injection, dreamer adapter)."""
         if state is not None:
             self.load_memory(state)
         inject = dream and self.cfg.dreaming.random_expert
@@ -160,10 +161,11 @@ class RolloutWorker:
             adapter = dream and self._with_dreamer and self._dreamer_version is not None
             return self.engine.generate(list(prompts), max_new_tokens=max_new_tokens,
                                         temperature=temperature, seed=seed, dream=inject,
-                                        adapter=adapter)
+                                        adapter=adapter, min_new_tokens=min_new_tokens)
         with self._dreamer(dream):
             return self.engine.generate(list(prompts), max_new_tokens=max_new_tokens,
-                                        temperature=temperature, seed=seed, dream=inject)
+                                        temperature=temperature, seed=seed, dream=inject,
+                                        min_new_tokens=min_new_tokens)
 
     @compute_timed
     def sample_student(self, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
@@ -191,7 +193,8 @@ class RolloutWorker:
         d = self.cfg.dreaming
         if self.replica is not None:  # the reference function itself, on an identical replica
             return dreaming.generate_dreams(self.replica.model, self.replica.tok, context, d, seed)
-        outs = self.generate([context] * d.num_dreams, d.max_new_tokens, d.temperature, seed, dream=True)
+        outs = self.generate([context] * d.num_dreams, d.max_new_tokens, d.temperature, seed, dream=True,
+                             min_new_tokens=d.min_new_tokens)
         return [Dream(tuple(context), tuple(o)) for o in outs if len(o) >= 2]
 
     @contextlib.contextmanager

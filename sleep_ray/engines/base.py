@@ -23,8 +23,10 @@ class RolloutEngine(Protocol):
     """A generation backend (`hf`, `vllm`) as the rollout worker sees it."""
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 seed: int, greedy: bool = False, dream: bool = False) -> list[list[int]]:
-        """Completion token ids per prompt, cut after the first EOS (which is kept).
+                 seed: int, greedy: bool = False, dream: bool = False,
+                 min_new_tokens: int = 0) -> list[list[int]]:
+        """Completion token ids per prompt, cut after the first EOS (which is kept); EOS is not
+        sampled before `min_new_tokens` tokens.
 
         `greedy` takes the argmax (temperature ignored); otherwise plain sampling at
         `temperature` (no top-k / top-p). `seed` makes a call reproducible on the same engine.

@@ -32,11 +32,12 @@ class HFEngine:
         self._version = version
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 seed: int, greedy: bool = False, dream: bool = False) -> list[list[int]]:
+                 seed: int, greedy: bool = False, dream: bool = False,
+                 min_new_tokens: int = 0) -> list[list[int]]:
         mode = random_injection(self.model) if dream else contextlib.nullcontext()
         with mode:
             return sample(self.model, self.tok, prompts, max_new_tokens, temperature, seed,
-                          batch_size=self.batch_size, greedy=greedy)
+                          batch_size=self.batch_size, greedy=greedy, min_new_tokens=min_new_tokens)
 
     def load_memory(self, state: MemoryState) -> None:
         check_version(self._version, state.version)

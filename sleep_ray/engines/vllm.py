@@ -69,11 +69,12 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                  seed: int, greedy: bool = False, dream: bool = False,
-                 adapter: bool = False) -> list[list[int]]:
+                 adapter: bool = False, min_new_tokens: int = 0) -> list[list[int]]:
         """As `RolloutEngine.generate`; `adapter`: every request with the adapter last loaded."""
         if adapter and self._adapter is None:
             raise RuntimeError("generate(adapter=True) before any load_adapter")
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+        params = [SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens,
+                                 temperature=0.0 if greedy else temperature,
                                  top_p=1.0, top_k=0, seed=_request_seed(seed, i), detokenize=False)
                   for i in range(len(prompts))]
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]

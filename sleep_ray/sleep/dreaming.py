@@ -112,7 +112,8 @@ def dreaming_mode(model: nn.Module, with_dreamer: bool, inject: bool = True) -> 
 def generate_dreams(model: nn.Module, tok: PreTrainedTokenizerBase, context: list[int],
                     cfg: DreamingConfig, seed: int) -> list[Dream]:
     with dreaming_mode(model, cfg.dreamer, inject=cfg.random_expert):
-        outs = sample(model, tok, [context] * cfg.num_dreams, cfg.max_new_tokens, cfg.temperature, seed)
+        outs = sample(model, tok, [context] * cfg.num_dreams, cfg.max_new_tokens, cfg.temperature, seed,
+                      min_new_tokens=cfg.min_new_tokens)
     return [Dream(tuple(context), tuple(o)) for o in outs if len(o) >= 2]
 
 

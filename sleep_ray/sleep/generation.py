@@ -29,8 +29,9 @@ def phase_seed(run_seed: int, step: int, phase: str) -> int:
 @torch.no_grad()
 def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
            max_new_tokens: int, temperature: float, seed: int, batch_size: int = 32,
-           greedy: bool = False) -> list[list[int]]:
-    """Completion token ids for each prompt (cut after the first EOS, which is kept)."""
+           greedy: bool = False, min_new_tokens: int = 0) -> list[list[int]]:
+    """Completion token ids for each prompt (cut after the first EOS, which is kept); EOS is
+    not sampled before `min_new_tokens` tokens."""
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
@@ -41,6 +42,7 @@ def sample(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[lis
             ids, mask = left_pad(chunk, tok.pad_token_id)
             ids, mask = ids.to(model.device), mask.to(model.device)
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens or None,
                                  do_sample=not greedy, temperature=None if greedy else temperature,
                                  top_k=None if greedy else 0, top_p=None if greedy else 1.0,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

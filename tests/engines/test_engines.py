@@ -113,6 +113,17 @@ def test_sampling_is_seeded_per_request(rig):
     assert a != rig.vllm.generate(same, max_new_tokens=8, temperature=1.0, seed=4)
 
 
+def test_min_new_tokens_reaches_both_engines(rig, prompts):
+    # vLLM's min_tokens and HF's min_new_tokens hold EOS back alike (the dreams' lower bound)
+    _restart_memory(rig)
+    _sync(rig)
+    eos = rig.hf.tok.eos_token_id
+    args = dict(max_new_tokens=12, temperature=1.0, seed=0, greedy=True, min_new_tokens=12)
+    out = rig.vllm.generate(prompts, **args)
+    assert out == rig.hf.generate(prompts, **args)
+    assert all(len(row) == 12 and eos not in row for row in out)
+
+
 def test_older_memory_versions_are_refused(rig):
     version = _sync(rig)
     stale = export_memory_state(rig.model, version - 1)

@@ -306,6 +306,33 @@ def test_injected_dreams_differ_in_their_tokens():
     assert [x.tokens for x in with_injection] != [x.tokens for x in without]
 
 
+def test_a_dream_is_never_cut_short_by_eos_where_the_model_would_end_it_at_once():
+    # After the fast level learns examples that end at EOS, SmolLM2 ended 7-8 of 8 continuations
+    # of C at once, so a dream phase had no dream (dreaming.min_new_tokens). Here the head is
+    # pushed toward EOS at every position.
+    learner = make_learner()
+    eos = learner.tok.eos_token_id
+
+    def toward_eos(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., eos] += 50.0
+        return logits
+
+    handle = learner.model.get_output_embeddings().register_forward_hook(toward_eos)
+    context = learner.dream_context(word_pairs(learner.tok, 0, 4, "a")[:2])
+    d = dataclasses.replace(learner.cfg.dreaming, dreamer=False)  # make_learner builds none
+    try:
+        dreams = dreaming.generate_dreams(learner.model, learner.tok, context, d, seed=1)
+        unbounded = dreaming.generate_dreams(learner.model, learner.tok, context,
+                                             dataclasses.replace(d, min_new_tokens=0), seed=1)
+    finally:
+        handle.remove()
+    assert d.min_new_tokens == 8 and unbounded == []  # EOS alone: no dream is kept
+    assert len(dreams) == d.num_dreams
+    # EOS is held back until min_new_tokens, then comes at once
+    assert all(len(x.tokens) == d.min_new_tokens + 1 and x.tokens[-1] == eos for x in dreams)
+
+
 def test_wake_counts_router_usage_so_a_full_pool_merges_the_least_used():
     learner = make_learner("memory.capacity=[1, 3, 2]", "memory.full_pool=merge")
     sets = [word_pairs(learner.tok, 0, 6, "a"), word_pairs(learner.tok, 12, 6, "b"),
