@@ -514,6 +514,9 @@ class DataConfig:
     # Tasks to take: None = a JSONL file's every task, 3 of a generated stream or CLINC150; a
     # number cuts a file's stream to its first tasks (logged, and said in the report).
     num_tasks: int | None = None
+    # What a synthetic_languages task translates into: the stream's own base language (the tiny
+    # model is pretrained on it) or English (a pretrained model knows it; the paper's setting).
+    target_language: Literal["base", "english"] = "base"
     train_per_task: int = 64
     val_per_task: int = 16
     test_per_task: int = 16

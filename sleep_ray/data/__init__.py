@@ -99,7 +99,7 @@ def stream_from_config(cfg: DataConfig, seed: int = 0) -> Stream:
         return facts_stream(num_tasks=num_tasks(cfg), seed=seed)
     return load_stream("synthetic_languages", num_languages=num_tasks(cfg),
                        train_per_task=cfg.train_per_task, val_per_task=cfg.val_per_task,
-                       test_per_task=cfg.test_per_task, seed=seed)
+                       test_per_task=cfg.test_per_task, seed=seed, target=cfg.target_language)
 
 
 __all__ = [

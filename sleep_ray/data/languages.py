@@ -6,7 +6,10 @@ number and tense), then realised in a `Language`. Each derived language differs 
 by (a) its own made-up lexicon, (b) word-order rules (clause order, adjective / determiner
 after the noun, postpositions, adverb first) and (c) suffixes marking plural, past and the
 object case. The task for language k is translating its sentences back into the base language,
-so no pretrained model knows it and every language must be learned in sequence.
+so no pretrained model knows it and every language must be learned in sequence. With
+`target="english"` the same sentences are translated into English instead (`english_language`:
+real words, SVO, plural -s, past -ed, present -s after a singular subject), the paper's setting
+for a pretrained model that knows English but none of the languages.
 
 Everything is a pure function of the seed: Python's `random.Random` seeded with a string keyed
 on what is drawn, so adding a language or sentences never changes those drawn before.
@@ -68,6 +71,7 @@ class Language:
     plural_suffix: str = ""
     past_suffix: str = ""
     object_suffix: str = ""
+    agreement_suffix: str = ""  # on the verb in the present after a singular subject (English -s)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,28 @@ def base_language(seed: int = 0) -> Language:
     return Language("base", lexicon, plural_suffix=plural, past_suffix=past)
 
 
+# English words for every meaning, index for index with the synthetic lexicons. Each takes
+# its plural (nouns), past and singular present (verbs) by a bare -s / -ed, and each determiner
+# fits a singular and a plural noun alike, so `realise` writes correct English.
+ENGLISH_LEXICON = Lexicon(
+    determiners=("the", "my", "our"),
+    adjectives=("old", "young", "small", "tall", "happy", "quiet", "brave", "kind", "busy", "clever"),
+    nouns=("dog", "cat", "bird", "horse", "farmer", "teacher", "doctor", "king", "girl", "boy",
+           "friend", "baker", "sailor", "student", "neighbor", "driver"),
+    verbs=("help", "follow", "visit", "paint", "clean", "pull", "kick", "greet", "call", "lift",
+           "join", "thank"),
+    adverbs=("today", "again", "often", "quietly", "slowly", "quickly"),
+    prepositions=("in", "near", "behind", "with"),
+)
+
+
+def english_language() -> Language:
+    """English as a target: SVO, adjective and determiner before the noun, prepositions, the
+    adverb last, plural -s, past -ed, present -s after a singular subject."""
+    return Language("English", ENGLISH_LEXICON, plural_suffix="s", past_suffix="ed",
+                    agreement_suffix="s")
+
+
 def _derive(
     name: str, lexicon: Lexicon, clause_order: ClauseOrder, rng: random.Random
 ) -> Language:
@@ -228,9 +254,10 @@ def _realise_np(np_: NounPhrase, lang: Language, case_suffix: str = "") -> list[
 
 def realise(clause: Clause, lang: Language) -> str:
     """The sentence that says `clause` in `lang`."""
+    tense = lang.past_suffix if clause.past else "" if clause.subject.plural else lang.agreement_suffix
     parts = {
         "S": _realise_np(clause.subject, lang),
-        "V": [lang.lexicon.verbs[clause.verb] + (lang.past_suffix if clause.past else "")],
+        "V": [lang.lexicon.verbs[clause.verb] + tense],
         "O": _realise_np(clause.obj, lang, lang.object_suffix),
     }
     words = [w for role in lang.clause_order for w in parts[role]]
@@ -245,11 +272,12 @@ def realise(clause: Clause, lang: Language) -> str:
 
 
 def translate_to_base(clause: Clause, lang: Language, base: Language, split: Split) -> Example:
-    """The translation task record: a sentence in `lang` -> the same meaning in the base."""
+    """The translation task record: a sentence in `lang` -> the same meaning in the target
+    `base` (the stream's base language, or English), each line named by its language."""
     return Example(
         task=lang.name,
         split=split,
-        prompt=f"{lang.name}: {realise(clause, lang)}\nbase:",
+        prompt=f"{lang.name}: {realise(clause, lang)}\n{base.name}:",
         completion=" " + realise(clause, base),
     )
 
@@ -274,9 +302,12 @@ def synthetic_language_stream(
     val_per_task: int = 50,
     test_per_task: int = 100,
     seed: int = 0,
+    target: Literal["base", "english"] = "base",
 ) -> Stream:
-    """One translate-to-base task per novel language, in order; scored by chrF."""
-    base, languages = base_language(seed), make_languages(num_languages, seed)
+    """One translation task per novel language, in order, into the base language or English
+    (the same languages and meanings either way); scored by chrF."""
+    languages = make_languages(num_languages, seed)
+    base = english_language() if target == "english" else base_language(seed)
     counts = {"train": train_per_task, "val": val_per_task, "test": test_per_task}
     tasks = []
     for k, lang in enumerate(languages):

@@ -12,6 +12,7 @@ from sleep_ray.data.languages import (
     NounPhrase,
     base_corpus,
     base_language,
+    english_language,
     make_languages,
     realise,
     synthetic_language_stream,
@@ -148,3 +149,47 @@ def test_corpus_and_hash(tmp_path):
     assert corpus_hash(with_wiki) != corpus_hash(lines)
     skills = pretraining_corpus(20, seed=0, clinc_root=tmp_path, num_skill_lines=4)
     assert skills[:-4] == with_wiki and "\nbase: " in skills[-4] and "\nintent: " in skills[-3]
+
+
+def test_realise_english_by_hand():
+    english = english_language()
+    # singular subject in the present: the verb takes -s; the past takes -ed whatever the number
+    clause = Clause(NounPhrase(0, 0, adjective=0), 0, NounPhrase(1, 1, plural=True), adverb=2)
+    assert realise(clause, english) == "the old dog helps my cats often"
+    plural = Clause(NounPhrase(2, 4, plural=True), 3, NounPhrase(0, 2), past=True,
+                    preposition=1, prep_object=NounPhrase(0, 8))
+    assert realise(plural, english) == "our farmers painted the bird near the girl"
+    assert realise(Clause(NounPhrase(2, 4, plural=True), 3, NounPhrase(0, 2)), english) \
+        == "our farmers paint the bird"
+    assert all(len(getattr(english.lexicon, cls)) == n for cls, n in LEXICON_SIZES.items())
+
+
+def test_into_english_translates_the_same_sentences():
+    base = synthetic_language_stream(2, 6, 2, 3, seed=4)
+    english = synthetic_language_stream(2, 6, 2, 3, seed=4, target="english")
+    for b, e in zip(base.tasks, english.tasks):
+        assert b.name == e.name and e.metric == "chrf"
+        for split in ("train", "val", "test"):
+            for x, y in zip(getattr(b, split), getattr(e, split)):
+                source = x.prompt.removesuffix("\nbase:")
+                assert y.prompt == source + "\nEnglish:"  # the same sentence in the same language
+                assert y.completion != x.completion and y.completion.startswith(" ")
+    assert english.meta["base"].name == "English"
+    cfg_stream = load_stream("synthetic_languages", num_languages=2, train_per_task=6,
+                             val_per_task=2, test_per_task=3, seed=4, target="english")
+    assert cfg_stream.tasks == english.tasks
+
+
+def test_the_config_names_the_target_language():
+    from sleep_ray.config import ConfigError, load_config
+    from sleep_ray.data import stream_from_config
+
+    cfg = load_config(None, ["data.target_language=english", "data.num_tasks=1",
+                             "data.train_per_task=2", "data.val_per_task=1", "data.test_per_task=1"])
+    assert stream_from_config(cfg.data).tasks[0].train[0].prompt.endswith("\nEnglish:")
+    try:
+        load_config(None, ["data.target_language=french"])
+    except ConfigError as e:
+        assert "target_language" in str(e)
+    else:
+        raise AssertionError("an unknown target language was accepted")
