@@ -61,6 +61,20 @@ def test_the_real_ablation_base_is_the_measured_method_with_dreams():
     assert base["schedule"]["windows"] == [48, 96, 0] and 56 % 48 and 112 % 96
 
 
+def test_languages_into_english_runs_the_measured_method():
+    # benchmarks/configs/real_languages.yaml: real.yaml's memory and method on three languages
+    # into English; 64-step tasks (128 sentences / 8 x 4 epochs), no consolidation on a boundary.
+    cfg = load_config(ROOT / "benchmarks/configs/real_languages.yaml")
+    langs, real = config_to_dict(cfg), config_to_dict(load_config(ROOT / "benchmarks/configs/real.yaml"))
+    for section in ("model", "memory", "seeding", "dreaming", "schedule", "run"):
+        differ = {k for k in langs[section] if langs[section][k] != real[section][k]}
+        assert differ <= {"windows", "epochs_per_task"}, (section, differ)
+    task = -(-cfg.data.train_per_task // cfg.data.batch_size) * cfg.run.epochs_per_task
+    assert cfg.data.target_language == "english" and task == 64
+    for w in cfg.schedule.windows[:-1]:
+        assert all(step % task for step in range(w, task * cfg.data.num_tasks + 1, w)), w
+
+
 def test_shipped_yamls_exist():
     assert list(ROOT.glob("jobs/configs/*.yaml")), "jobs/configs/ must ship at least one config"
 
