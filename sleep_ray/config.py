@@ -189,6 +189,14 @@ class MemoryConfig:
     # Where it wins, no level adds anything: inputs like nothing the memory learned get the
     # pretrained model's answer (a served model keeps its general answers).
     backbone_class: bool = False
+    # What the backbone's class is sampled from: "bos", free text from BOS; "window", the
+    # backbone's own continuations of the first `backbone_prefix_tokens` tokens of the window's
+    # texts (drawn at the first call with a window), so that the class holds what the backbone
+    # says in the form of what is taught ("The capital of" -> " France is Paris."): the gate must
+    # then tell the two apart by what is said, not by how (a served model's general prompts are
+    # short statements, like taught facts, far from BOS free text: docs/results.md).
+    backbone_prompts: Literal["bos", "window"] = "bos"
+    backbone_prefix_tokens: int = 3
     # Random expert injection (dreams): the gate share of the injected expert at its level (the
     # project's choice; the paper says only "activates one random expert").
     inject_share: float = 0.5
@@ -268,6 +276,8 @@ class MemoryConfig:
         if self.level_gate and self.router != "discriminant":
             _fail(f"{at}.level_gate", self.level_gate, "needs router: discriminant (comparable "
                   "scores across levels)")
+        if self.backbone_prefix_tokens <= 0:
+            _fail(f"{at}.backbone_prefix_tokens", self.backbone_prefix_tokens, "must be positive")
         if self.backbone_class and not self.level_gate:
             _fail(f"{at}.backbone_class", self.backbone_class, "needs level_gate: true")
         if self.gate_scope == "winner" and not self.level_gate:

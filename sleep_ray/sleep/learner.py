@@ -12,6 +12,7 @@ exceeds `run.max_nonfinite_steps` the learner raises `NonFiniteLossError`.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Generator, Sequence
@@ -770,17 +771,36 @@ class Learner:
         return [group for group in groups if len(group) >= 2]
 
     def backbone_samples(self) -> list[Example]:
-        """What the backbone says by itself: `router_contexts` samples from BOS with the memory
-        off (drawn at the first call and kept, in checkpoints too)."""
+        """What the backbone says by itself: `router_contexts` samples with the memory off, from
+        BOS or (`memory.backbone_prompts: window`) continuing the first tokens of the window's
+        texts; drawn at the first call (with "window", the first with a window) and kept, in
+        checkpoints too."""
         if self.backbone_contexts is None:
-            n = self.cfg.memory.router_contexts
+            mem = self.cfg.memory
+            prompts = self.backbone_prompts(mem.router_contexts)
             with M.memory_off(self.model):
-                rows = sample(self.model, self.tok, [[bos_id(self.tok)]] * n,
+                rows = sample(self.model, self.tok, prompts or [[bos_id(self.tok)]] * mem.router_contexts,
                               self.cfg.seeding.max_new_tokens,
                               temperature=1.0, seed=self.cfg.run.seed)
-            texts = self.tok.batch_decode(rows, skip_special_tokens=True)
-            self.backbone_contexts = [Example("backbone", "train", "", t) for t in texts if t.strip()]
+            texts = self.tok.batch_decode([p + r for p, r in zip(prompts, rows)] if prompts else rows,
+                                          skip_special_tokens=True)
+            samples = [Example("backbone", "train", "", t) for t in texts if t.strip()]
+            if prompts or mem.backbone_prompts == "bos":
+                self.backbone_contexts = samples
+            return samples
         return self.backbone_contexts
+
+    def backbone_prompts(self, n: int) -> list[list[int]]:
+        """`n` prompts for the backbone's class with `memory.backbone_prompts: window`: the first
+        `backbone_prefix_tokens` tokens of texts drawn from the window (seeded); [] from BOS, or
+        while the window is empty."""
+        window = self.window.until(self.wake_steps) if self.cfg.memory.backbone_prompts == "window" else []
+        if not window:
+            return []
+        k = self.cfg.memory.backbone_prefix_tokens
+        drawn = random.Random(f"{self.cfg.run.seed}/backbone").choices(window, k=n)
+        ids = [self.tok(e.prompt + e.completion, add_special_tokens=False).input_ids[:k] for e in drawn]
+        return [p for p in ids if p]
 
     # ---------------------------------------------------------------- sleep: dreaming
 

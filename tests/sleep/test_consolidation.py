@@ -505,6 +505,28 @@ def test_the_backbone_class_leaves_what_the_memory_never_learned_to_the_backbone
         assert other.backbone_contexts == learner.backbone_contexts
 
 
+def test_the_backbone_class_can_speak_in_the_window_s_own_form():
+    # memory.backbone_prompts=window: the backbone's samples continue the first tokens of the
+    # window's texts, drawn at the first call with a window and kept; none before it.
+    learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
+                           "memory.level_gate=true", "memory.backbone_class=true",
+                           "memory.backbone_prompts=window", "memory.backbone_prefix_tokens=2")
+    tok = learner.tok
+    assert learner.backbone_prompts(4) == []
+    learner.backbone_samples()  # from BOS while the window is empty, and not kept
+    assert learner.backbone_contexts is None
+    first = word_pairs(tok, 0, 10, "a")
+    learn(learner, first, steps=3)
+    prompts = learner.backbone_prompts(learner.cfg.memory.router_contexts)
+    heads = {tuple(tok(e.prompt + e.completion, add_special_tokens=False).input_ids[:2]) for e in first}
+    assert len(prompts) == learner.cfg.memory.router_contexts and {tuple(p) for p in prompts} <= heads
+    samples = learner.backbone_samples()
+    assert learner.backbone_contexts is samples and learner.backbone_samples() is samples
+    starts = {tok.decode(list(h)) for h in heads}
+    assert samples and all(any(x.completion.startswith(h) for h in starts) for x in samples)
+    assert len({x.completion for x in samples}) > len(starts)  # continued, not only the prefixes
+
+
 def test_an_expert_of_blocks_keeps_each_routed_expert_it_prunes():
     # Two level-2 experts routed top-1 by a discriminant; 2 -> 3 puts each in a block of the
     # new level-3 expert with its own class, so the model answers as before on each window's
