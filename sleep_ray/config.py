@@ -445,7 +445,8 @@ class DreamingConfig:
     # (tau: the task's accuracy among choices when it has them, else minus the completion NLL).
     tau_min_delta: float = 0.01
     max_new_tokens: int = 32
-    # A dream is at least this many tokens long (EOS cannot end it sooner). Once the fast level
+    # A dream is at least this many tokens long (EOS cannot end it sooner; at most
+    # max_new_tokens: `dream_min_tokens`). Once the fast level
     # has learned a task whose examples end at EOS, the model ends a continuation of C at once:
     # on SmolLM2-135M after 16-48 wake steps of a facts task, 7-8 of 8 dreams were EOS alone
     # and a dream phase had nothing to select, score or learn (docs/results.md, ablation).
@@ -471,9 +472,13 @@ class DreamingConfig:
     def validate(self, at: str) -> None:
         if self.top_k < 0 or self.num_random < 0:
             _fail(f"{at}.top_k", self.top_k, "top_k and num_random must be >= 0")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            _fail(f"{at}.min_new_tokens", self.min_new_tokens,
-                  f"must be between 0 and max_new_tokens={self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            _fail(f"{at}.min_new_tokens", self.min_new_tokens, "must be >= 0")
+
+    @property
+    def dream_min_tokens(self) -> int:
+        """The tokens a dream has at least: `min_new_tokens`, never more than `max_new_tokens`."""
+        return min(self.min_new_tokens, self.max_new_tokens)
         if self.enabled and self.top_k + self.num_random > self.num_dreams:
             _fail(f"{at}.top_k", self.top_k,
                   f"top_k + num_random = {self.top_k + self.num_random} exceeds "

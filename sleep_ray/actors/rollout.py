@@ -194,7 +194,7 @@ class RolloutWorker:
         if self.replica is not None:  # the reference function itself, on an identical replica
             return dreaming.generate_dreams(self.replica.model, self.replica.tok, context, d, seed)
         outs = self.generate([context] * d.num_dreams, d.max_new_tokens, d.temperature, seed, dream=True,
-                             min_new_tokens=d.min_new_tokens)
+                             min_new_tokens=d.dream_min_tokens)
         return [Dream(tuple(context), tuple(o)) for o in outs if len(o) >= 2]
 
     @contextlib.contextmanager

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import re
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -243,6 +244,26 @@ def collect(out: Path, order: list[str], only: list[str] | None
     return names, runs, records, notes
 
 
+def dream_phases(runs: list[continual.SavedRun]) -> dict | None:
+    """What the dream phases of a row's runs did, from their raw.json (`MethodResult.dreams`):
+    phases per run and dreams generated, kept and rewarded per phase, each a mean over the seeds
+    of the seed's mean over its phases; None when no run recorded a dream phase (no dreaming,
+    or a raw.json written before dream phases were recorded)."""
+    per_seed: list[list[dict]] = []
+    for run in runs:
+        raw = run.folder / "raw.json"
+        results = json.loads(raw.read_text()) if raw.exists() else []
+        phases = [d for r in results if r.get("method") == "sleep" for d in r.get("dreams", [])]
+        if phases:
+            per_seed.append(phases)
+    if not per_seed:
+        return None
+    mean = lambda key: statistics.fmean(statistics.fmean(p.get(key, 0.0) for p in phases)
+                                        for phases in per_seed)
+    return {"runs": len(per_seed), "phases": statistics.fmean(map(len, per_seed)),
+            **{key: mean(f"dream/{key}") for key in ("generated", "kept", "rewarded")}}
+
+
 def _record_notes(records: dict[str, dict | None]) -> list[str]:
     """What a reader of the table must know from the rows' records: a row and --set naming the
     same field, and rows run on another base config than their rows file was written for."""
@@ -263,6 +284,12 @@ def _one_value(records: dict[str, dict | None], key: str, none: str) -> str | No
     """The rows' common value of a record field as a header line; each value where they differ."""
     values = list(dict.fromkeys(str(rec.get(key) or none) for rec in records.values() if rec))
     return "; ".join(values) if values else None
+
+
+def _dreams_cell(dreams: dict | None) -> str:
+    if not dreams:
+        return "-"
+    return f"{dreams['rewarded']:.2f} / {dreams['kept']:.2f} ({dreams['phases']:.1f} phases)"
 
 
 def table_markdown(table: dict) -> str:
@@ -286,13 +313,16 @@ def table_markdown(table: dict) -> str:
                      **{m: continual.stats_cell(e["metrics"][m], e["n"]) if m in e["metrics"] else "-"
                         for m in METRICS},
                      "seeds": f"{e['n']} ({', '.join(map(str, e['seeds']))})",
-                     "seconds": continual.stats_cell(e["seconds"], e["n"], 1)})
+                     "seconds": continual.stats_cell(e["seconds"], e["n"], 1),
+                     "dreams rewarded / kept": _dreams_cell(e.get("dreams"))})
     lines += [markdown(pd.DataFrame(rows)), ""]
     lines += ["ACC: mean_j R[T][j], the mean final score; BWT: mean of R[T][j] - R[j][j] over "
               "the earlier tasks; forgetting: mean over the earlier tasks of their best score "
               "before the last task minus their final score; retention: mean_j R[T][j] / "
               "mean_j R[j][j] (Sleep's own diagonal: no `single` run here). Seconds: each run's "
-              "wall time.", ""]
+              "wall time. Dreams rewarded / kept: per dream phase, mean over seeds, and the "
+              "phases per run (- where no run recorded one); a dream changes the memory only if "
+              "rewarded.", ""]
     lines += ["## Overrides of each row", "",
               "Applied on top of the base config and `--set` (a row's value counts where both "
               "name a field); `config.yaml` in each seed folder is the resolved config.", ""]
@@ -336,7 +366,9 @@ def write_table(out: Path, command: str, order: list[str], only: list[str] | Non
         rec = records.get(name) or {}
         shared = list(rec.get("set", [])) + [f"--{k} {rec[k]}" for k in ("stream", "path") if rec.get(k)]
         table["rows"].append({"row": name, "overrides": rec.get("overrides") if rec else None,
-                              "shared_overrides": shared, **entry})
+                              "shared_overrides": shared, **entry,
+                              "dreams": dream_phases([r for r in runs if any(x["method"] == name for x in r.rows)
+                                                     and (seeds is None or r.seed in seeds)])})
     if table_only:
         table["table_command"] = command
     text = table_markdown(table)

@@ -85,8 +85,10 @@ def run_method(method: str, cfg: SleepConfig, stream: Stream, bcfg: BaselineConf
     t0 = time.perf_counter()
     record = run_sleep(cfg, stream) if method == "sleep" else run_baseline(method, cfg, stream, bcfg)
     seconds = time.perf_counter() - t0
-    rows = [m for m in getattr(record, "metrics", []) if "consolidate/source" in m]
-    return MethodResult(method, record.R, seconds, consolidations=rows)
+    metrics = getattr(record, "metrics", [])
+    return MethodResult(method, record.R, seconds,
+                        consolidations=[m for m in metrics if "consolidate/source" in m],
+                        dreams=[m for m in metrics if "dream/generated" in m or "dream/kept" in m])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

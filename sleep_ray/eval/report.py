@@ -27,6 +27,9 @@ class MethodResult:
     # Sleep's consolidation rows (its metrics.jsonl rows of each consolidation: kept, seeding
     # steps, route share, seconds); empty for the baselines.
     consolidations: list[dict] = field(default_factory=list)
+    # Sleep's dream phases (their metrics rows: dreams generated, kept, rewarded, tau); empty for
+    # the baselines and without dreaming.
+    dreams: list[dict] = field(default_factory=list)
 
 
 def top_level_seconds(phase_seconds: dict[str, float]) -> float:

@@ -113,7 +113,7 @@ def generate_dreams(model: nn.Module, tok: PreTrainedTokenizerBase, context: lis
                     cfg: DreamingConfig, seed: int) -> list[Dream]:
     with dreaming_mode(model, cfg.dreamer, inject=cfg.random_expert):
         outs = sample(model, tok, [context] * cfg.num_dreams, cfg.max_new_tokens, cfg.temperature, seed,
-                      min_new_tokens=cfg.min_new_tokens)
+                      min_new_tokens=cfg.dream_min_tokens)
     return [Dream(tuple(context), tuple(o)) for o in outs if len(o) >= 2]
 
 

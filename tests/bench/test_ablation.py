@@ -63,9 +63,10 @@ def test_two_rows_one_seed_end_to_end_then_table_only(tmp_path, quiet):
 
     text = (out / "ablation.md").read_text()
     table = _table_rows(text)
-    assert table[0] == "| row | ACC | BWT | forgetting | retention | seeds | seconds |"
-    assert re.fullmatch(rf"\| full \| {CELL} \| {CELL} \| {CELL} \| {CELL} \| 1 \(0\) \| \d+\.\d ± 0\.0 \|", table[1])
-    assert table[2].startswith("| no_dreaming | ") and len(table) == 3
+    assert table[0] == "| row | ACC | BWT | forgetting | retention | seeds | seconds | dreams rewarded / kept |"
+    assert re.fullmatch(rf"\| full \| {CELL} \| {CELL} \| {CELL} \| {CELL} \| 1 \(0\) \| \d+\.\d ± 0\.0 "
+                        rf"\| \d\.\d\d / 1\.00 \(\d+\.0 phases\) \|", table[1])  # top_k 1 + 0 random
+    assert table[2].startswith("| no_dreaming | ") and table[2].endswith(" | - |") and len(table) == 3
     assert f"Command: `sleep-ray bench ablation {shlex.join(argv)}`" in text
     assert "| no_dreaming | `dreaming.enabled=false` |" in text  # each row's overrides
     assert "| full | none (the base config) |" in text
@@ -78,6 +79,10 @@ def test_two_rows_one_seed_end_to_end_then_table_only(tmp_path, quiet):
         for metric in ("ACC", "BWT", "forgetting"):
             assert math.isfinite(r["metrics"][metric]["mean"]) and r["metrics"][metric]["std"] == 0.0
         assert r["retention_reference"] == "own R[j][j]"
+    full, none = summary["rows"]
+    raw = json.loads((out / "full" / "seed0" / "raw.json").read_text())
+    assert full["dreams"]["phases"] == len(raw[0]["dreams"]) >= 1 and none["dreams"] is None
+    assert full["dreams"]["kept"] == 1.0 and 0.0 <= full["dreams"]["rewarded"] <= 1.0
     assert "statistics.stdev" in summary["std"]
 
     again = ablation.main(["--table-only", "--rows", str(rows), "--output", str(out)])
