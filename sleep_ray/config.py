@@ -474,15 +474,15 @@ class DreamingConfig:
             _fail(f"{at}.top_k", self.top_k, "top_k and num_random must be >= 0")
         if self.min_new_tokens < 0:
             _fail(f"{at}.min_new_tokens", self.min_new_tokens, "must be >= 0")
+        if self.enabled and self.top_k + self.num_random > self.num_dreams:
+            _fail(f"{at}.top_k", self.top_k,
+                  f"top_k + num_random = {self.top_k + self.num_random} exceeds "
+                  f"num_dreams={self.num_dreams}")
 
     @property
     def dream_min_tokens(self) -> int:
         """The tokens a dream has at least: `min_new_tokens`, never more than `max_new_tokens`."""
         return min(self.min_new_tokens, self.max_new_tokens)
-        if self.enabled and self.top_k + self.num_random > self.num_dreams:
-            _fail(f"{at}.top_k", self.top_k,
-                  f"top_k + num_random = {self.top_k + self.num_random} exceeds "
-                  f"num_dreams={self.num_dreams}")
 
 
 @dataclass(frozen=True)
