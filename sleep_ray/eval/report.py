@@ -149,13 +149,16 @@ def write_report(out_dir: Path, results: Sequence[MethodResult], task_names: Seq
 # ---------------------------------------------------------------- one run's folder
 
 RUN_PLOTS = ("accuracy_matrix.png", "task_scores.png", "phase_seconds.png")
+ROUTE_PREFIX = "eval/route/"  # the loop's route census of each task's test questions
 
 
 def eval_scores(metrics: Sequence[Mapping]) -> tuple[list[str], list[int], np.ndarray]:
     """(task names, steps, scores (E, T)) from the run's evaluation rows, in order: row e holds
-    every task's score at `steps[e]` (the rows a run logs as `eval/<task>` after each task)."""
+    every task's score at `steps[e]` (the rows a run logs as `eval/<task>` after each task; not
+    the route census `eval/route/...`, whose keys change as experts come)."""
     rows = [m for m in metrics if "eval/after_task" in m]
-    names = [k[len("eval/"):] for k in rows[0] if k.startswith("eval/") and k != "eval/after_task"] if rows else []
+    names = [k[len("eval/"):] for k in rows[0] if k.startswith("eval/") and k != "eval/after_task"
+             and not k.startswith(ROUTE_PREFIX)] if rows else []
     scores = np.array([[float(r[f"eval/{n}"]) for n in names] for r in rows]).reshape(len(rows), len(names))
     return names, [int(r.get("step", e)) for e, r in enumerate(rows)], scores
 

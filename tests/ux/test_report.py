@@ -26,6 +26,16 @@ def test_eval_scores_reads_the_eval_rows_in_order():
     np.testing.assert_allclose(scores, R)  # here each evaluation row is a row of R
 
 
+def test_eval_scores_leave_the_route_census_out():
+    # The loop logs where each task's questions route beside its scores; the classes differ
+    # between evaluations (a new expert after a sleep), and they are no task.
+    census = [{**METRICS[1], "eval/route/a/L2.0": 1.0},
+              {**METRICS[2], "eval/route/a/L2.0": 0.5, "eval/route/a/L2.1": 0.5}]
+    names, steps, scores = eval_scores([METRICS[0], *census])
+    assert names == ["a", "b"] and steps == [8, 16]
+    np.testing.assert_allclose(scores, R)
+
+
 def test_plot_functions_write_images(tmp_path, assert_png):
     plot_accuracy_matrix(R, ["a", "b"], tmp_path / "r.png")
     plot_task_scores([8, 16], np.array(R), ["a", "b"], tmp_path / "s.png")
