@@ -384,7 +384,7 @@ class SleepDriver:
         if not dreams:
             return {"dream/generated": 0.0}
         scores = self.importance(dreams, expert) if d.selection == "gradient" else None
-        kept_idx = self._learner_group(lambda w: w.select_dreams.remote(scores, len(dreams)))[0]
+        kept_idx = self._learner_group(lambda w: w.select_dreams.remote(scores, len(dreams), seed + 2))[0]
         kept = [dreams[i] for i in kept_idx]
         rewards, base_tau, taus = self.lora_rewards(kept, tau, seed + 1, expert)
         with self.record.timed("dream/learn"):

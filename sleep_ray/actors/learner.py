@@ -234,9 +234,9 @@ class LearnerWorker:
         return L.dream_context(examples), L.newest_expert
 
     @compute_timed
-    def select_dreams(self, scores: Sequence[float] | None, num_dreams: int) -> list[int]:
-        """Kept dream indices; draws from the learner's generator (as the reference does)."""
-        return self.learner.select_dreams(None if scores is None else torch.tensor(scores), num_dreams)
+    def select_dreams(self, scores: Sequence[float] | None, num_dreams: int, seed: int) -> list[int]:
+        """Kept dream indices, drawn as the reference draws them (from `seed`)."""
+        return self.learner.select_dreams(None if scores is None else torch.tensor(scores), num_dreams, seed)
 
     @compute_timed
     def learn_from_dreams(self, kept: Sequence[Dream], rewards: Sequence[float]) -> dict[str, float]:

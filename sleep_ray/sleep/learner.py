@@ -807,12 +807,15 @@ class Learner:
     def dream_context(self, examples: Sequence[Example]) -> list[int]:
         return dreaming.dream_context(self.tok, examples, self.cfg.data.max_length // 2)
 
-    def select_dreams(self, scores: torch.Tensor | None, num_dreams: int) -> list[int]:
-        """Top-k by importance plus b at random (or k + b at random when selection is off)."""
+    def select_dreams(self, scores: torch.Tensor | None, num_dreams: int, seed: int) -> list[int]:
+        """Top-k by importance plus b at random (or k + b at random when selection is off),
+        drawn from a generator of the phase's own `seed`: not the learner's, which seeding
+        draws from too, so that how dreams are selected changes nothing else in a run."""
         d = self.cfg.dreaming
+        gen = torch.Generator().manual_seed(seed)
         if scores is None:
-            return random_selection(num_dreams, d.top_k + d.num_random, self.generator).tolist()
-        return select_dreams(scores, d.top_k, d.num_random, self.generator)[0].tolist()
+            return random_selection(num_dreams, d.top_k + d.num_random, gen).tolist()
+        return select_dreams(scores, d.top_k, d.num_random, gen)[0].tolist()
 
     def learn_from_dreams(self, kept: Sequence[dreaming.Dream], rewards: Sequence[float]) -> dict[str, float]:
         """ReST-EM on the dreamer, then the rewarded dreams into the newest expert."""
@@ -842,7 +845,7 @@ class Learner:
             return {"dream/generated": 0.0}
         scores = (dreaming.dream_importance(self.model, dreams, self.newest_expert, self.tok.pad_token_id)
                   if d.selection == "gradient" else None)
-        kept = [dreams[i] for i in self.select_dreams(scores, len(dreams))]
+        kept = [dreams[i] for i in self.select_dreams(scores, len(dreams), seed + 2)]
         rewards, base_tau, taus = dreaming.evaluate_on_lora_copies(
             self.model, self.tok, kept, tau, d, self.cfg.data.max_length, seed + 1,
             expert=self.newest_expert)

@@ -333,6 +333,20 @@ def test_a_dream_is_never_cut_short_by_eos_where_the_model_would_end_it_at_once(
     assert all(len(x.tokens) == d.min_new_tokens + 1 and x.tokens[-1] == eos for x in dreams)
 
 
+def test_selecting_dreams_leaves_the_learner_s_generator_alone():
+    # Seeding draws from the learner's generator: a selection drawing from it too made the
+    # `random_selection` ablation row change the seeding that followed, not only the selection.
+    learner = make_learner()
+    d = learner.cfg.dreaming
+    before = learner.generator.get_state()
+    scores = torch.tensor([0.3, 0.1, 0.9, 0.5, 0.2, 0.4, 0.8, 0.6])
+    top = learner.select_dreams(scores, 8, seed=3)
+    drawn = learner.select_dreams(None, 8, seed=3)
+    assert torch.equal(learner.generator.get_state(), before)
+    assert top[:d.top_k] == [2, 6] and len(top) == len(drawn) == d.top_k + d.num_random
+    assert top == learner.select_dreams(scores, 8, seed=3)  # the phase's seed decides
+
+
 def test_wake_counts_router_usage_so_a_full_pool_merges_the_least_used():
     learner = make_learner("memory.capacity=[1, 3, 2]", "memory.full_pool=merge")
     sets = [word_pairs(learner.tok, 0, 6, "a"), word_pairs(learner.tok, 12, 6, "b"),
