@@ -52,7 +52,7 @@ from sleep_ray.actors.placement import (
 from sleep_ray.actors.pool import Fanout, WorkerPool, actor_id
 from sleep_ray.actors.rollout import RolloutWorker
 from sleep_ray.actors.scorer import ScorerWorker
-from sleep_ray.algo.selection import mean_importance
+from sleep_ray.algo.selection import dream_phase_stats, phase_seeds
 from sleep_ray.config import (
     SleepConfig,
     check_resume_config,
@@ -378,21 +378,19 @@ class SleepDriver:
             return {}
         t0 = time.perf_counter()
         context, expert = inputs
-        seed = phase_seed(self.cfg.run.seed, step, "dream")
+        seeds = phase_seeds(phase_seed(self.cfg.run.seed, step, "dream"))
         self.publish()
-        dreams = self.generate_dreams(context, seed)
+        dreams = self.generate_dreams(context, seeds.generate)
         if not dreams:
             return {"dream/generated": 0.0}
         scores = self.importance(dreams, expert) if d.selection == "gradient" else None
-        kept_idx = self._learner_group(lambda w: w.select_dreams.remote(scores, len(dreams), seed + 2))[0]
+        kept_idx = self._learner_group(
+            lambda w: w.select_dreams.remote(scores, len(dreams), seeds.select))[0]
         kept = [dreams[i] for i in kept_idx]
-        rewards, base_tau, taus = self.lora_rewards(kept, tau, seed + 1, expert)
+        rewards, base_tau, taus = self.lora_rewards(kept, tau, seeds.rewards, expert)
         with self.record.timed("dream/learn"):
             stats = self._learner_group(lambda w: w.learn_from_dreams.remote(kept, rewards))[0]
-        return stats | {"dream/generated": float(len(dreams)), "dream/tau_base": base_tau,
-                        "dream/tau_copy_mean": sum(taus) / len(taus),
-                        "dream/importance_mean": mean_importance(scores),
-                        "dream/seconds": time.perf_counter() - t0}
+        return stats | dream_phase_stats(len(dreams), base_tau, taus, scores, time.perf_counter() - t0)
 
     def generate_dreams(self, context: list[int], seed: int) -> list:
         with self.record.timed("dream/generate"):

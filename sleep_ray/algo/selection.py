@@ -9,7 +9,7 @@ purely random selection of the "gradient selection off" ablation); the binary re
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -50,11 +50,34 @@ def random_selection(num_dreams: int, k: int, generator: torch.Generator) -> Ten
     return torch.randperm(num_dreams, generator=generator)[:k]
 
 
+class PhaseSeeds(NamedTuple):
+    """The seeds of one dream phase's random draws, each its own so that one draw (e.g. the
+    random selection of an ablation) never shifts another."""
+
+    generate: int  # the dreams themselves (sampling, the injected expert)
+    rewards: int   # the reward copies' training order
+    select: int    # the b random picks among the kept dreams
+
+
+def phase_seeds(seed: int) -> PhaseSeeds:
+    """A dream phase's seeds from its phase seed (`generation.phase_seed`): the one-process run
+    and the Ray driver draw the same dreams, copies and picks."""
+    return PhaseSeeds(generate=seed, rewards=seed + 1, select=seed + 2)
+
+
 def mean_importance(scores: Sequence[float] | Tensor | None) -> float:
     """The logged mean importance of a dream phase (nan without scores), in float64 over the
     scores in order: the one-process run and the Ray driver log the same number."""
     values = scores.tolist() if isinstance(scores, Tensor) else list(scores or [])
     return sum(values) / len(values) if values else float("nan")
+
+
+def dream_phase_stats(generated: int, base_tau: float, taus: Sequence[float],
+                      scores: Sequence[float] | Tensor | None, seconds: float) -> dict[str, float]:
+    """What a dream phase logs beside its learning stats, the same in both runners."""
+    return {"dream/generated": float(generated), "dream/tau_base": base_tau,
+            "dream/tau_copy_mean": sum(taus) / len(taus) if taus else float("nan"),
+            "dream/importance_mean": mean_importance(scores), "dream/seconds": seconds}
 
 
 def tau_improvement_reward(score_copy: float, score_base: float, min_delta: float = 0.0) -> float:

@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sleep_ray.config import load_config
-from sleep_ray.eval.report import consolidation_seconds
+from sleep_ray.eval.report import consolidation_kind, consolidation_seconds, per_seed_means
 
 TRANSITIONS = ("reset", "update")
 
@@ -96,28 +96,28 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
     groups: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for (transition, seed), rows in runs.items():
         for row in rows:
-            kind = f"{int(row['consolidate/source'])} -> {int(row['consolidate/target'])}"
-            groups[(kind, transition)][seed].append(row)
+            groups[(consolidation_kind(row), transition)][seed].append(row)
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else float("nan")
+
     table = []
     for (kind, transition), by_seed in sorted(groups.items()):
-        def per_seed(key):
-            """Each seed's mean of `key` over its events (missing and NaN values left out)."""
-            values = [[r[key] for r in rows if key in r and r[key] == r[key]] for rows in by_seed.values()]
-            return [statistics.fmean(v) for v in values if v]
-        kept = per_seed("consolidate/kept")
+        kept = per_seed_means(by_seed, "consolidate/kept")
         cost = [statistics.fmean(_cost(r) for r in rows) for rows in by_seed.values()]
         method = [[_cost(r, measured=False) for r in rows] for rows in by_seed.values()]
         table.append({"consolidation": kind, "transition": transition,
                       "seeds": len(by_seed), "events": sum(len(v) for v in by_seed.values()),
-                      "kept_mean": statistics.fmean(kept) if kept else float("nan"),
+                      "kept_mean": mean(kept),
                       "kept_std": statistics.stdev(kept) if len(kept) > 1 else 0.0,  # sample std (n - 1)
-                      "score_before": statistics.fmean(per_seed("consolidate/score_before") or [float("nan")]),
-                      "score_after": statistics.fmean(per_seed("consolidate/score_after") or [float("nan")]),
-                      "seed_steps": statistics.fmean(per_seed("seed/steps") or [float("nan")]),
-                      "route_share": statistics.fmean(per_seed("consolidate/route_share") or [float("nan")]),
-                      "seconds": statistics.fmean(per_seed("consolidate/seconds_all")),
+                      **{name: mean(per_seed_means(by_seed, key))
+                         for name, key in (("score_before", "consolidate/score_before"),
+                                           ("score_after", "consolidate/score_after"),
+                                           ("seed_steps", "seed/steps"),
+                                           ("route_share", "consolidate/route_share"))},
+                      "seconds": statistics.fmean(per_seed_means(by_seed, "consolidate/seconds_all")),
                       "parts": {p: statistics.fmean(v) for p in PARTS
-                                if (v := per_seed(f"consolidate/seconds_{p}"))},
+                                if (v := per_seed_means(by_seed, f"consolidate/seconds_{p}"))},
                       "cost_vs_window_wake": statistics.fmean(cost),
                       "method_cost_vs_window_wake": statistics.fmean(map(statistics.fmean, method)),
                       "method_cost_worst": max(map(max, method))})
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> str:
             runs[(transition, seed)] = rows = run_one(cfg, out / f"{transition}_seed{seed}")
             for r in rows:
                 print(f"[consolidation] {transition} seed {seed} step {r['step']}: "
-                      f"{int(r['consolidate/source'])} -> {int(r['consolidate/target'])} kept "
+                      f"{consolidation_kind(r)} kept "
                       f"{r['consolidate/kept']:.3f} ({r['consolidate/seconds_all']:.0f} s)", flush=True)
             (out / "consolidation.json").write_text(json.dumps(
                 {f"{t}/{s}": v for (t, s), v in runs.items()}, indent=1, default=float))

@@ -443,7 +443,7 @@ def consolidations_over_seeds(runs: list[SavedRun]) -> list[dict]:
     """Sleep's consolidations in the runs' raw.json, per kind (1 -> 2, 2 -> 3): kept mean ± std
     over seeds (each seed's events averaged first) and the lowest event; the means over seeds of
     the held-out scores, seeding steps, route share and seconds (D's sampling included)."""
-    from sleep_ray.eval.report import consolidation_seconds
+    from sleep_ray.eval.report import consolidation_kind, consolidation_seconds, per_seed_means
 
     kinds: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -452,24 +452,23 @@ def consolidations_over_seeds(runs: list[SavedRun]) -> list[dict]:
         for row in (r for result in results if result.get("method") == "sleep"
                     for r in result.get("consolidations", [])):
             if not row.get("consolidate/skipped") and row.get("consolidate/kept") == row.get("consolidate/kept"):
-                kind = f"{int(row['consolidate/source'])} -> {int(row['consolidate/target'])}"
-                kinds[kind][run.seed].append(row)
+                kinds[consolidation_kind(row)][run.seed].append(row)
 
-    def seed_means(by_seed: dict[int, list[dict]], value) -> list[float]:
-        return [statistics.fmean(value(r) for r in rows) for rows in by_seed.values()]
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else math.nan
 
     table = []
     for kind, by_seed in sorted(kinds.items()):
-        kept = seed_means(by_seed, lambda r: r["consolidate/kept"])
         table.append({"consolidation": kind, "seeds": len(by_seed),
-                      "events": sum(map(len, by_seed.values())), "kept": _stats(kept),
+                      "events": sum(map(len, by_seed.values())),
+                      "kept": _stats(per_seed_means(by_seed, "consolidate/kept")),
                       "lowest": min(r["consolidate/kept"] for rows in by_seed.values() for r in rows),
-                      **{name: statistics.fmean(seed_means(by_seed, lambda r, k=key: r.get(k, math.nan)))
+                      **{name: mean(per_seed_means(by_seed, key))
                          for name, key in (("score_before", "consolidate/score_before"),
                                            ("score_after", "consolidate/score_after"),
                                            ("seed_steps", "seed/steps"),
                                            ("route_share", "consolidate/route_share"))},
-                      "seconds": statistics.fmean(seed_means(by_seed, consolidation_seconds))})
+                      "seconds": mean(per_seed_means(by_seed, consolidation_seconds))})
     return table
 
 

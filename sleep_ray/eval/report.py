@@ -9,7 +9,9 @@ seconds per phase), from its summary and metric rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,6 +357,25 @@ def consolidation_seconds(row: Mapping) -> float:
     return row["consolidate/seconds"] + row.get("consolidate/seconds_sampling", 0.0)
 
 
+def consolidation_kind(row: Mapping) -> str:
+    """"1 -> 2": the levels a consolidation row moved knowledge between."""
+    return f"{int(row['consolidate/source'])} -> {int(row['consolidate/target'])}"
+
+
+def per_seed_means(by_seed: Mapping[int, Sequence[Mapping]],
+                   value: str | Callable[[Mapping], float]) -> list[float]:
+    """Each seed's mean over its consolidation events of `value` (a row key, or a function of a
+    row); missing and NaN values are left out, and so is a seed with none left. Averaging each
+    seed's events first gives every seed one vote in a mean +- std over seeds."""
+    get = value if callable(value) else (lambda row: row.get(value, math.nan))
+    means = []
+    for rows in by_seed.values():
+        values = [v for v in map(get, rows) if v == v]
+        if values:
+            means.append(statistics.fmean(values))
+    return means
+
+
 def consolidation_markdown(metrics: Sequence[Mapping]) -> str:
     """A table of the run's consolidations: what each kept of its window's held-out examples
     (`consolidate/kept` = score after / before), its seeding steps, route share and seconds
@@ -371,8 +392,7 @@ def consolidation_markdown(metrics: Sequence[Mapping]) -> str:
              "| step | consolidation | kept | held-out before → after | seeding steps | route share | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.get('step', '')} | {int(r['consolidate/source'])} -> "
-                     f"{int(r['consolidate/target'])} | {num(r, 'consolidate/kept', '.3f')} "
+        lines.append(f"| {r.get('step', '')} | {consolidation_kind(r)} | {num(r, 'consolidate/kept', '.3f')} "
                      f"| {num(r, 'consolidate/score_before', '.3f')} → {num(r, 'consolidate/score_after', '.3f')} "
                      f"| {num(r, 'seed/steps', '.0f')} | {num(r, 'consolidate/route_share', '.2f')} "
                      f"| {consolidation_seconds(r):.0f} |")

@@ -23,7 +23,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sleep_ray.algo.cms import LevelOptimizer, make_optimizer
-from sleep_ray.algo.selection import mean_importance, random_selection, rest_em_filter, select_dreams
+from sleep_ray.algo.selection import (dream_phase_stats, phase_seeds, random_selection,
+                                      rest_em_filter, select_dreams)
 from sleep_ray.config import SleepConfig
 from sleep_ray.data.collate import collate_examples, encode_pair
 from sleep_ray.eval.evaluate import heldout_score, probe_answers
@@ -840,20 +841,19 @@ class Learner:
             return {}
         t0 = time.perf_counter()
         d = self.cfg.dreaming
-        dreams = dreaming.generate_dreams(self.model, self.tok, self.dream_context(context), d, seed)
+        seeds = phase_seeds(seed)
+        dreams = dreaming.generate_dreams(self.model, self.tok, self.dream_context(context), d,
+                                          seeds.generate)
         if not dreams:
             return {"dream/generated": 0.0}
         scores = (dreaming.dream_importance(self.model, dreams, self.newest_expert, self.tok.pad_token_id)
                   if d.selection == "gradient" else None)
-        kept = [dreams[i] for i in self.select_dreams(scores, len(dreams), seed + 2)]
+        kept = [dreams[i] for i in self.select_dreams(scores, len(dreams), seeds.select)]
         rewards, base_tau, taus = dreaming.evaluate_on_lora_copies(
-            self.model, self.tok, kept, tau, d, self.cfg.data.max_length, seed + 1,
+            self.model, self.tok, kept, tau, d, self.cfg.data.max_length, seeds.rewards,
             expert=self.newest_expert)
         stats = self.learn_from_dreams(kept, rewards)
-        return stats | {"dream/generated": float(len(dreams)), "dream/tau_base": base_tau,
-                        "dream/tau_copy_mean": sum(taus) / len(taus),
-                        "dream/importance_mean": mean_importance(scores),
-                        "dream/seconds": time.perf_counter() - t0}
+        return stats | dream_phase_stats(len(dreams), base_tau, taus, scores, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- state
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sleep_ray.algo.selection import (mean_importance, random_selection, rest_em_filter, select_dreams,
-                                      tau_improvement_reward)
+from sleep_ray.algo.selection import (dream_phase_stats, mean_importance, phase_seeds, random_selection,
+                                      rest_em_filter, select_dreams, tau_improvement_reward)
 
 SCORES = torch.tensor([0.3, 0.9, 0.1, 0.9, 0.5, 0.2])  # omega of 6 dreams
 
@@ -89,3 +89,16 @@ def test_mean_importance_is_the_same_number_from_a_tensor_and_from_a_list():
     assert mean_importance(scores) == by_hand == mean_importance(scores.tolist())
     assert mean_importance(scores) != float(scores.mean())  # the float32 mean it replaced
     assert math.isnan(mean_importance(None)) and math.isnan(mean_importance([]))
+
+
+def test_a_dream_phase_s_seeds_are_distinct_and_fixed_by_its_phase_seed():
+    seeds = phase_seeds(40)
+    assert (seeds.generate, seeds.rewards, seeds.select) == (40, 41, 42)
+    assert phase_seeds(40) == seeds and len(set(seeds)) == 3
+
+
+def test_dream_phase_stats_by_hand():
+    stats = dream_phase_stats(8, 0.25, [0.25, 0.5], [1.0, 2.0, 3.0], 1.5)
+    assert stats == {"dream/generated": 8.0, "dream/tau_base": 0.25, "dream/tau_copy_mean": 0.375,
+                     "dream/importance_mean": 2.0, "dream/seconds": 1.5}
+    assert math.isnan(dream_phase_stats(0, 0.0, [], None, 0.0)["dream/tau_copy_mean"])

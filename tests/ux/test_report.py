@@ -3,7 +3,9 @@
 import numpy as np
 
 from sleep_ray.eval.report import (
+    consolidation_kind,
     eval_scores,
+    per_seed_means,
     plot_accuracy_matrix,
     plot_task_scores,
     run_report_markdown,
@@ -67,3 +69,10 @@ def test_phase_shares_count_a_timed_phase_once_not_again_through_its_sub_phases(
     # is not timed ("sync/x") counts on its own: 3 + 1 + 0.5 = 4.5.
     seconds = {"wake": 1.0, "dream": 3.0, "dream/lora": 2.0, "dream/learn": 1.0, "sync/x": 0.5}
     assert top_level_seconds(seconds) == 4.5
+
+
+def test_per_seed_means_give_each_seed_one_vote_and_leave_missing_values_out():
+    by_seed = {0: [{"k": 1.0}, {"k": 3.0}], 1: [{"k": 5.0}, {"k": float("nan")}, {}], 2: [{}]}
+    assert per_seed_means(by_seed, "k") == [2.0, 5.0]  # seed 2 has no value: no vote
+    assert per_seed_means(by_seed, lambda row: row.get("k", 0.0) * 2) == [4.0, 5.0, 0.0]
+    assert consolidation_kind({"consolidate/source": 2.0, "consolidate/target": 3.0}) == "2 -> 3"
