@@ -77,15 +77,16 @@ def learn_task(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task,
             examples = method.mix(batch, epoch) if method.mix is not None else batch
             with record.timed("train"):
                 stats = train_step(model, tok, examples, optimizer, method, cfg.data.max_length)
-            record.metrics.append({"step": _steps_done(record), "task": task.name, **stats})
+            record.metrics.append({"step": _steps_done(record) + 1, "task": task.name, **stats})
     if method.after_task is not None:
         with record.timed("after_task"):
             stats = method.after_task(task)
-        record.metrics.append({"step": _steps_done(record) - 1, "task": task.name, **stats})
+        record.metrics.append({"step": _steps_done(record), "task": task.name, **stats})
 
 
 def _steps_done(record: RunRecord) -> int:
-    """Optimizer steps logged so far (the step a row belongs to, as in Sleep's metrics)."""
+    """Optimizer steps logged so far. A row's step counts the steps done with it, as Sleep's
+    wake rows do: the first update is step 1, and a task's `after_task` row has its last step."""
     return sum("train/loss" in row for row in record.metrics)
 
 

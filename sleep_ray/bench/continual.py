@@ -88,7 +88,9 @@ def run_method(method: str, cfg: SleepConfig, stream: Stream, bcfg: BaselineConf
     metrics = getattr(record, "metrics", [])
     return MethodResult(method, record.R, seconds,
                         consolidations=[m for m in metrics if "consolidate/source" in m],
-                        dreams=[m for m in metrics if "dream/generated" in m or "dream/kept" in m])
+                        dreams=[m for m in metrics if "dream/generated" in m or "dream/kept" in m],
+                        losses=[[m["step"], m[key]] for m in metrics
+                                for key in ("wake/loss", "train/loss") if key in m])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -32,6 +32,10 @@ class MethodResult:
     # Sleep's dream phases (their metrics rows: dreams generated, kept, rewarded, tau); empty for
     # the baselines and without dreaming.
     dreams: list[dict] = field(default_factory=list)
+    # Every training step's loss as [step, loss]: Sleep's wake steps, a baseline's optimizer
+    # steps (replay's and EWC's with their extra terms); where a run's scores collapse, this
+    # tells a diverged training from forgetting.
+    losses: list[list[float]] = field(default_factory=list)
 
 
 def top_level_seconds(phase_seconds: dict[str, float]) -> float:

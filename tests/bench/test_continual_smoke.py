@@ -36,6 +36,10 @@ def test_bench_continual_on_jsonl_writes_report_csv_and_plots(tmp_path):
     events = raw["sleep"]["consolidations"]
     assert events and all(e["consolidate/source"] == 1 for e in events)
     assert [r["consolidations"] for r in raw.values() if r["method"] != "sleep"] == [[], []]
+    # Every training step's loss: Sleep's wake steps and naive fine-tuning's are the same steps.
+    steps = {m: [step for step, _ in r["losses"]] for m, r in raw.items()}
+    assert steps["sleep"] and steps["sleep"] == steps["naive_memory"]
+    assert all(loss == loss for r in raw.values() for _, loss in r["losses"])
     table = report.split("## Consolidations (sleep)")[1]
     assert table.count("| 1 -> 2 |") == len(events)
     df = pd.read_csv(out / "results.csv")
