@@ -233,12 +233,14 @@ def run_seed(folder: Path, report: dict[str, str]) -> tuple[int, str]:
                      f"in report.md, no seed<N> in the folder's name)")
 
 
-def _final_scores(folder: Path, df) -> tuple[dict[str, list[float]], list[str] | None]:
+def _final_scores(folder: Path, df) -> tuple[dict[str, list[float]], list[str] | None,
+                                             dict[str, list[float]]]:
     """Each method's final row of R: from R.csv (full precision, task names) when it is there,
-    else from results.csv's "final scores" column (two decimals)."""
+    else from results.csv's "final scores" column (two decimals); and, from R.csv only, each
+    method's diagonal R[j][j]."""
     import pandas as pd
 
-    final, tasks = {}, None
+    final, tasks, diagonals = {}, None, {}
     path = folder / "R.csv"
     if path.exists():
         long = pd.read_csv(path, dtype={"method": str, "task": str})
@@ -246,10 +248,13 @@ def _final_scores(folder: Path, df) -> tuple[dict[str, list[float]], list[str] |
             last = rows[rows["after_task"] == rows["after_task"].max()]
             final[method] = [float(x) for x in last["score"]]
             tasks = tasks or [str(t) for t in last["task"]]
+            order = list(last["task"])  # R[i][j]: after task i, on task j (in stream order)
+            diagonals[method] = [float(rows[(rows["after_task"] == i) & (rows["task"] == t)]["score"].iloc[0])
+                                 for i, t in enumerate(order)]
     for row in df.to_dict("records"):
         if row["method"] not in final and isinstance(row.get("final scores"), str):
             final[row["method"]] = [float(x) for x in row["final scores"].split()]
-    return final, tasks
+    return final, tasks, diagonals
 
 
 def read_run(results_csv: Path) -> SavedRun:
@@ -264,11 +269,12 @@ def read_run(results_csv: Path) -> SavedRun:
                and pd.api.types.is_numeric_dtype(df[c])]
     report = _report_header(folder / "report.md")
     seed, seed_from = run_seed(folder, report)
-    final, tasks = _final_scores(folder, df)
+    final, tasks, diagonals = _final_scores(folder, df)
     rows = []
     for row in df.to_dict("records"):
         rows.append({"method": row["method"], **{m: _num(row.get(m)) for m in metrics},
-                     "seconds": _num(row.get("seconds")), "final": final.get(row["method"])})
+                     "seconds": _num(row.get("seconds")), "final": final.get(row["method"]),
+                     "diagonal": diagonals.get(row["method"])})
     return SavedRun(folder, seed, seed_from, rows, metrics, tasks, report, results_csv.stat().st_mtime)
 
 
@@ -364,6 +370,12 @@ def aggregate(runs: list[SavedRun], order: tuple[str, ...] = (), keep_methods: l
             entry["final_scores"] = None
             notes.append(f"{method}: the seeds' final rows differ in length (or are missing): "
                          f"no per-task mean")
+        retention_single = [_retention_against(row["final"], chosen.get(("single", s)))
+                            for s, _, row in entries] if method != "single" else []
+        if any(not math.isnan(v) for v in retention_single):
+            entry["metrics"]["retention vs single"] = {
+                **_stats(retention_single),
+                "values": [None if math.isnan(v) else v for v in retention_single]}
         # Retention's reference: `single`'s diagonal when single ran in the same folder, else
         # the method's own R[j][j] (eval/report.py); mixing the two is worth a note.
         refs = {"single" if any(r["method"] == "single" for r in run.rows) and method != "single"
@@ -374,6 +386,16 @@ def aggregate(runs: list[SavedRun], order: tuple[str, ...] = (), keep_methods: l
                          f"against its own R[j][j] in others (single ran in some folders only)")
         table.append(entry)
     return {"std": STD_NOTE, "methods": table, "notes": notes}
+
+
+def _retention_against(final: list[float] | None, single: tuple[SavedRun, dict] | None) -> float:
+    """mean_j R[T][j] / mean_j single[j][j], with `single` the same seed's `single` run found
+    anywhere under the output (its diagonal read from its R.csv); NaN where there is none or
+    the task counts differ."""
+    diagonal = single[1].get("diagonal") if single is not None else None
+    if not final or not diagonal or len(diagonal) != len(final) or sum(diagonal) <= 0:
+        return math.nan
+    return statistics.fmean(final) / statistics.fmean(diagonal)
 
 
 def stats_cell(stats: dict, n: int, digits: int = 3) -> str:
@@ -416,6 +438,10 @@ def summary_markdown(summary: dict, commands: list[str], header: dict[str, str])
         lines += ["Retention = mean_j R[T][j] / mean_j ref_j; ref: " + ", ".join(
             f"{m} {r}" for m, r in refs.items()) + " (single's diagonal when `single` ran in the same "
             "run folder, else the method's own R[j][j]).", ""]
+    if any("retention vs single" in e["metrics"] for e in summary["methods"]):
+        lines += ["Retention vs single = mean_j R[T][j] / mean_j single_j, single_j the diagonal of "
+                  "the same seed's `single` run anywhere under the output (each task learned alone); "
+                  "'-' where no such run is there.", ""]
     lines += ["## Each seed", ""]
     seed_rows = []
     for e in summary["methods"]:

@@ -159,6 +159,31 @@ def test_separate_method_and_seed_folders_at_any_depth(tmp_path, quiet):
     assert [(e["method"], e["seeds"]) for e in summary["methods"]] == [("sleep", [0, 1])]
 
 
+def test_retention_vs_single_pairs_each_seed_with_the_same_seed_s_single_run(tmp_path, quiet):
+    # Each method and seed in its own folder: retention against `single`'s diagonal can still be
+    # had, from the single run of the same seed found anywhere under the output.
+    _write_run(tmp_path / "sleep_seed0", ("config",), [("sleep", 0)])
+    _write_run(tmp_path / "sleep_seed1", ("config",), [("sleep", 1)])
+    single = tmp_path / "other" / "single_seed0"  # seed 0 only: R[0][0] = 0.8, R[1][1] = 0.4
+    single.mkdir(parents=True)
+    (single / "results.csv").write_text("method,ACC,BWT,forgetting,retention,final scores,seconds\n"
+                                        "single,0.3,0.0,0.0,,0.20 0.40,5.0\n")
+    (single / "R.csv").write_text("method,after_task,task,score\nsingle,0,colors,0.8\n"
+                                  "single,0,animals,0.1\nsingle,1,colors,0.2\nsingle,1,animals,0.4\n")
+    (single / "config.yaml").write_text("model:\n  name_or_path: tiny\nrun:\n  seed: 0\n")
+    continual.main(["--table-only", "--output", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    by = {e["method"]: e for e in summary["methods"]}
+    # seed 0: Sleep's final row (0.4, 0.6), mean 0.5, over single's diagonal (0.8, 0.4), mean 0.6;
+    # seed 1 has no single run: no value, said by n.
+    vs = by["sleep"]["metrics"]["retention vs single"]
+    assert vs["values"] == [pytest.approx(0.5 / 0.6), None] and vs["n"] == 1
+    assert vs["mean"] == pytest.approx(0.5 / 0.6) and vs["std"] == 0.0
+    assert "retention vs single" not in by["single"]["metrics"]
+    table = (tmp_path / "summary.md").read_text()
+    assert "retention vs single" in table and "0.833 ± 0.000 (n=1)" in table
+
+
 def test_duplicates_and_misnamed_folders_are_noted(tmp_path, quiet):
     for seed in range(3):
         _write_run(tmp_path / f"sleep_seed{seed}", ("config",), [("sleep", seed)])
