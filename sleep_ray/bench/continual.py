@@ -248,9 +248,11 @@ def _final_scores(folder: Path, df) -> tuple[dict[str, list[float]], list[str] |
             last = rows[rows["after_task"] == rows["after_task"].max()]
             final[method] = [float(x) for x in last["score"]]
             tasks = tasks or [str(t) for t in last["task"]]
-            order = list(last["task"])  # R[i][j]: after task i, on task j (in stream order)
-            diagonals[method] = [float(rows[(rows["after_task"] == i) & (rows["task"] == t)]["score"].iloc[0])
-                                 for i, t in enumerate(order)]
+            cells = {(int(i), str(t)): float(x) for i, t, x in
+                     zip(rows["after_task"], rows["task"], rows["score"])}  # R[i][task j]
+            diagonal = [cells.get((j, str(t))) for j, t in enumerate(last["task"])]
+            if None not in diagonal:  # a row missing from R.csv: no diagonal, never a guess
+                diagonals[method] = diagonal
     for row in df.to_dict("records"):
         if row["method"] not in final and isinstance(row.get("final scores"), str):
             final[row["method"]] = [float(x) for x in row["final scores"].split()]

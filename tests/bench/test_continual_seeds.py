@@ -171,11 +171,17 @@ def test_retention_vs_single_pairs_each_seed_with_the_same_seed_s_single_run(tmp
     (single / "R.csv").write_text("method,after_task,task,score\nsingle,0,colors,0.8\n"
                                   "single,0,animals,0.1\nsingle,1,colors,0.2\nsingle,1,animals,0.4\n")
     (single / "config.yaml").write_text("model:\n  name_or_path: tiny\nrun:\n  seed: 0\n")
+    broken = tmp_path / "single_seed1"  # its R.csv lacks R[1][1]: no diagonal, never a guess
+    broken.mkdir()
+    (broken / "results.csv").write_text((single / "results.csv").read_text())
+    (broken / "R.csv").write_text("method,after_task,task,score\nsingle,0,colors,0.8\n"
+                                  "single,0,animals,0.1\nsingle,1,colors,0.2\n")
+    (broken / "config.yaml").write_text("model:\n  name_or_path: tiny\nrun:\n  seed: 1\n")
     continual.main(["--table-only", "--output", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     by = {e["method"]: e for e in summary["methods"]}
     # seed 0: Sleep's final row (0.4, 0.6), mean 0.5, over single's diagonal (0.8, 0.4), mean 0.6;
-    # seed 1 has no single run: no value, said by n.
+    # seed 1's single run has no diagonal: no value, said by n.
     vs = by["sleep"]["metrics"]["retention vs single"]
     assert vs["values"] == [pytest.approx(0.5 / 0.6), None] and vs["n"] == 1
     assert vs["mean"] == pytest.approx(0.5 / 0.6) and vs["std"] == 0.0
