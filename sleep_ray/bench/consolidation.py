@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sleep_ray.config import load_config
-from sleep_ray.eval.report import consolidation_kind, consolidation_seconds, per_seed_means
+from sleep_ray.eval.report import consolidation_kind, consolidation_seconds, event_means, per_seed_means
 
 TRANSITIONS = ("reset", "update")
 
@@ -98,9 +98,6 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
         for row in rows:
             groups[(consolidation_kind(row), transition)][seed].append(row)
 
-    def mean(values: list[float]) -> float:
-        return statistics.fmean(values) if values else float("nan")
-
     table = []
     for (kind, transition), by_seed in sorted(groups.items()):
         kept = per_seed_means(by_seed, "consolidate/kept")
@@ -108,13 +105,9 @@ def summarize(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
         method = [[_cost(r, measured=False) for r in rows] for rows in by_seed.values()]
         table.append({"consolidation": kind, "transition": transition,
                       "seeds": len(by_seed), "events": sum(len(v) for v in by_seed.values()),
-                      "kept_mean": mean(kept),
+                      "kept_mean": statistics.fmean(kept) if kept else float("nan"),
                       "kept_std": statistics.stdev(kept) if len(kept) > 1 else 0.0,  # sample std (n - 1)
-                      **{name: mean(per_seed_means(by_seed, key))
-                         for name, key in (("score_before", "consolidate/score_before"),
-                                           ("score_after", "consolidate/score_after"),
-                                           ("seed_steps", "seed/steps"),
-                                           ("route_share", "consolidate/route_share"))},
+                      **event_means(by_seed),
                       "seconds": statistics.fmean(per_seed_means(by_seed, "consolidate/seconds_all")),
                       "parts": {p: statistics.fmean(v) for p in PARTS
                                 if (v := per_seed_means(by_seed, f"consolidate/seconds_{p}"))},

@@ -473,7 +473,7 @@ def consolidations_over_seeds(runs: list[SavedRun]) -> list[dict]:
     """Sleep's consolidations in the runs' raw.json, per kind (1 -> 2, 2 -> 3): kept mean ± std
     over seeds (each seed's events averaged first) and the lowest event; the means over seeds of
     the held-out scores, seeding steps, route share and seconds (D's sampling included)."""
-    from sleep_ray.eval.report import consolidation_kind, consolidation_seconds, per_seed_means
+    from sleep_ray.eval.report import consolidation_kind, consolidation_seconds, event_means, per_seed_means
 
     kinds: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -484,21 +484,14 @@ def consolidations_over_seeds(runs: list[SavedRun]) -> list[dict]:
             if not row.get("consolidate/skipped") and row.get("consolidate/kept") == row.get("consolidate/kept"):
                 kinds[consolidation_kind(row)][run.seed].append(row)
 
-    def mean(values: list[float]) -> float:
-        return statistics.fmean(values) if values else math.nan
-
     table = []
     for kind, by_seed in sorted(kinds.items()):
         table.append({"consolidation": kind, "seeds": len(by_seed),
                       "events": sum(map(len, by_seed.values())),
                       "kept": _stats(per_seed_means(by_seed, "consolidate/kept")),
                       "lowest": min(r["consolidate/kept"] for rows in by_seed.values() for r in rows),
-                      **{name: mean(per_seed_means(by_seed, key))
-                         for name, key in (("score_before", "consolidate/score_before"),
-                                           ("score_after", "consolidate/score_after"),
-                                           ("seed_steps", "seed/steps"),
-                                           ("route_share", "consolidate/route_share"))},
-                      "seconds": mean(per_seed_means(by_seed, consolidation_seconds))})
+                      **event_means(by_seed),
+                      "seconds": statistics.fmean(per_seed_means(by_seed, consolidation_seconds))})
     return table
 
 

@@ -380,6 +380,20 @@ def per_seed_means(by_seed: Mapping[int, Sequence[Mapping]],
     return means
 
 
+def event_means(by_seed: Mapping[int, Sequence[Mapping]]) -> dict[str, float]:
+    """Over seeds (each seed's events averaged first, `per_seed_means`): the held-out scores
+    before and after, the seeding steps and the route share of a kind of consolidation; NaN
+    where no seed logged one."""
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else math.nan
+
+    return {name: mean(per_seed_means(by_seed, key))
+            for name, key in (("score_before", "consolidate/score_before"),
+                              ("score_after", "consolidate/score_after"),
+                              ("seed_steps", "seed/steps"),
+                              ("route_share", "consolidate/route_share"))}
+
+
 def consolidation_markdown(metrics: Sequence[Mapping]) -> str:
     """A table of the run's consolidations: what each kept of its window's held-out examples
     (`consolidate/kept` = score after / before), its seeding steps, route share and seconds
