@@ -54,19 +54,11 @@ def gate_off(model):
             mem.level_gate = gate
 
 
-@contextlib.contextmanager
 def fast_off(model):
     """The fast level masked everywhere: neither its expert nor its gate class takes part."""
     from sleep_ray.model import memory as M
 
-    saved = [(pool, pool.active.clone()) for pool in M.pools(model, 1)]
-    for pool, _ in saved:
-        pool.active.zero_()
-    try:
-        yield
-    finally:
-        for pool, active in saved:
-            pool.active.copy_(active)
+    return M.memory_off(model, levels=(1,))
 
 
 ROUTINGS = (("", contextlib.nullcontext), (", gate off", gate_off), (", fast off", fast_off))

@@ -747,9 +747,11 @@ def random_injection(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def memory_off(model: nn.Module) -> Iterator[None]:
-    """The backbone alone inside this block: every expert masked, restored after."""
-    saved = [(pool, pool.active.clone()) for m in memories(model) for pool in m.levels]
+def memory_off(model: nn.Module, levels: tuple[int, ...] | None = None) -> Iterator[None]:
+    """The backbone alone inside this block: every expert masked, restored after. With
+    `levels` (1-based), only those levels' experts (and so their gate classes)."""
+    saved = [(pool, pool.active.clone()) for m in memories(model) for pool in m.levels
+             if levels is None or pool.level in levels]
     for pool, _ in saved:
         pool.active.zero_()
     try:
