@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = build_sleep_model(cfg)
     points = sorted({int(s) for s in args.at.split(",")})
     task = stream.tasks[args.task]
-    prior = stream.tasks[int(args.prior.split(":")[0])] if args.prior else None
+    prior_index, prior_steps = (int(n) for n in args.prior.split(":")) if args.prior else (None, 0)
+    prior = stream.tasks[prior_index] if args.prior else None
 
     def score(t) -> float:
         return score_examples(model, tok, t.test, t.metric, cfg.data.max_length, cfg.data.max_new_tokens)
@@ -110,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"config": args.config, "path": args.path, "task": task.name,
                  "overrides": args.overrides, "prior": args.prior}
     if prior is not None:
-        steps = int(args.prior.split(":")[1])
-        out["prior_rows"], out["prior_losses"] = learn(prior, steps, [steps])
+        out["prior_rows"], out["prior_losses"] = learn(prior, prior_steps, [prior_steps])
         fast_to_level_2(model)
     # The prior task again (--prior equal to --task): its batches go on where they stopped, a
     # task split by a consolidation.
-    skip = int(args.prior.split(":")[1]) if prior is task else 0
+    skip = prior_steps if prior is task else 0
     out["rows"], out["losses"] = learn(task, max(points), points, skip)
     out["seconds"] = time.perf_counter() - t0
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
