@@ -1,4 +1,4 @@
-"""`sleep-ray bench systems`: the nine systems measurements of sleep_ray, one table, one command.
+"""`sleep-ray bench systems`: the ten systems measurements of sleep_ray, one table, one command.
 
     python benchmarks/systems.py --output runs/bench_systems            # full (< 15 min, 2 cores)
     python benchmarks/systems.py --output /tmp/s --quick --rows importance,overhead
@@ -23,6 +23,9 @@ Rows (each a pair measured in the same run, on the same model and data; `Row` in
 9. Sleep's whole run vs naive fine-tuning's (`naive_memory`), the same stream, batches and wake
    steps: `make demo`'s config and two facts tasks on SmolLM2-135M (--quick: the tiny default);
    ratio = naive s / Sleep s, goal 0.5 (Sleep at most twice naive)       `bench/systems_learner.py`
+10. classifying a task's test questions among their choices (R's scores, a consolidation's
+   held-out score): each prompt once, its choices on its KV cache, vs every (prompt, choice)
+   as a whole sequence; one facts task on the real backbone (--quick: the tiny default)
 
 Ratio convention: bigger is better. Row 5's ratio is goal/measured overhead fraction (goal
 overhead 0.10, so ratio >= 1 meets it). Row 6 has no goal (ratio and goal n/a). `--profile` adds
@@ -53,7 +56,7 @@ from pathlib import Path
 from sleep_ray.bench.rows import Row
 from sleep_ray.bench.systems_driver import check_profiler, memory_row, overhead_row, ray_run
 from sleep_ray.bench.systems_learner import (consolidation_rows, importance_rows, rewards_rows,
-                                             seeding_rows, whole_run_rows)
+                                             scoring_rows, seeding_rows, whole_run_rows)
 
 NAN = float("nan")
 
@@ -78,6 +81,7 @@ ROW_GROUPS = (
     RowGroup("rewards", 7, "dream rewards: k batched copies vs k sequential copies"),
     RowGroup("consolidation", 8, "one consolidation vs the wake time of its window"),
     RowGroup("whole_run", 9, "Sleep's whole run vs naive fine-tuning's"),
+    RowGroup("scoring", 10, "classify among choices: prompt once vs whole sequences"),
 )
 
 
@@ -128,7 +132,8 @@ def row_functions(quick: bool, workdir: Path, profile: bool = False,
             "importance": lambda: importance_rows(quick, profile), "seeding": lambda: seeding_rows(quick),
             "overhead": lambda: [overhead_row(cache.get())],
             "memory": lambda: [memory_row(cache.get())], "rewards": lambda: rewards_rows(quick),
-            "consolidation": lambda: consolidation_rows(quick), "whole_run": lambda: whole_run_rows(quick)}
+            "consolidation": lambda: consolidation_rows(quick), "whole_run": lambda: whole_run_rows(quick),
+            "scoring": lambda: scoring_rows(quick)}
 
 
 def run_rows(keys: Sequence[str], quick: bool, workdir: Path,

@@ -600,3 +600,63 @@ def whole_run_rows(quick: bool) -> list[Row]:
                          "consolidations": len(events), "acc": acc,
                          "without_scores_ratio": naive.seconds / (sleep.seconds - scores),
                          "notes": notes})]
+
+
+# ====================================================================== row 10: scoring choices
+
+
+def _scoring_setup(quick: bool):
+    """(model, tokenizer, examples): one facts task's test questions, each among its choices,
+    on the real backbone (the tiny default with --quick) after a few wake steps of the task, so
+    that the memory adds something and its routing decides."""
+    from sleep_ray.data import stream_from_config
+    from sleep_ray.sleep.learner import Learner
+    from sleep_ray.sleep.loop import task_batches
+    from sleep_ray.sleep.pretrain import build_sleep_model
+
+    cfg = _consolidation_config(quick)
+    task = stream_from_config(cfg.data, cfg.run.seed).tasks[0]
+    model, tok = build_sleep_model(cfg)
+    learner = Learner(cfg, model, tok)
+    for batch in list(task_batches(task, cfg.data.batch_size, cfg.run.seed, 0))[:2 if quick else 8]:
+        learner.wake_step(batch)
+    learner.apply_updates([1])
+    return cfg, model, tok, list(task.test)
+
+
+def scoring_rows(quick: bool) -> list[Row]:
+    """Row 10: classifying a task's test questions among their choices (what fills R, and what
+    every consolidation's held-out score runs), each prompt run once with its choices on its KV
+    cache vs every (prompt, choice) pair as a whole sequence."""
+    from sleep_ray.eval.evaluate import classify_by_likelihood
+
+    cfg, model, tok, examples = _scoring_setup(quick)
+    preds = {}
+
+    def run(share: bool) -> Callable[[], object]:
+        def call():
+            preds[share] = classify_by_likelihood(model, tok, examples, cfg.data.max_length,
+                                                  share_prompts=share)
+        return call
+
+    with _threads(1):
+        wall, cpu, samples = _interleaved({"whole": run(False), "shared": run(True)},
+                                          1 if quick else 3)
+    same = sum(a == b for a, b in zip(preds[True], preds[False]))
+    label = "tiny" if quick else "SmolLM2-135M"
+    choices = sum(len(e.choices) for e in examples)
+    notes = [f"{cfg.model.name_or_path}, {len(examples)} test questions of one facts task, "
+             f"{choices} (question, choice) pairs, max_length {cfg.data.max_length}, after 8 wake "
+             f"steps of the task (2 with --quick); the same predictions for {same} of "
+             f"{len(examples)} questions",
+             f"CPU time of this process: whole {cpu['whole']:.3f} s, shared {cpu['shared']:.3f} s = "
+             f"{cpu['whole'] / cpu['shared']:.2f}x"]
+    limits = ("token positions: a prompt of ~13 tokens runs once instead of once per choice, and "
+              "choices of 1-3 tokens run 0-2 positions each on a copy of its cache; 1 torch thread")
+    return [Row(name=f"classify among choices: prompt run once vs whole sequences ({label})",
+                baseline_label="every (prompt, choice) as a whole sequence", baseline=wall["whole"],
+                ours_label="prompt once, choices on its KV cache", ours=wall["shared"], unit="s",
+                ratio=wall["whole"] / wall["shared"], goal=3.0, limits=limits,
+                details={"reps": len(samples["whole"]), "questions": len(examples), "pairs": choices,
+                         "same_predictions": same, "cpu_seconds": cpu, "samples": samples,
+                         "notes": notes})]

@@ -19,10 +19,11 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from sleep_ray.data.collate import IGNORE, Batch, collate_pairs, encode_pair, left_pad
 from sleep_ray.eval.metrics import accuracy, chrf
+from sleep_ray.model import memory as M
 from sleep_ray.types import Example, Split, Task
 
 Metric = Literal["accuracy", "chrf"]
@@ -100,16 +101,82 @@ def completion_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     return _pair_logprobs(model, tok, encoded, batch_size)[0]
 
 
+# Prompts prefilled together by `_shared_prompt_logprobs`; their choices then run on the cache
+# `batch_size` rows at a time.
+PROMPTS_PER_PREFILL = 16
+
+
+def _shared_prompt_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                            groups: Sequence[tuple[list[int], list[list[int]]]],
+                            batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) summed log-probs and (N,) token counts of every completion of `groups` (a prompt's
+    ids and its completions' ids), in order: each prompt runs once, its completions on a copy
+    of its KV cache.
+
+    Prompts are prefilled left-padded, `PROMPTS_PER_PREFILL` at a time (position ids from the
+    attention mask, as in generation); a completion's first token is scored from the prefill's
+    last logits, the rest by one pass of its tokens but the last on the cache, right-padded,
+    `batch_size` rows at a time. The memory's sequence routing continues each prompt's running
+    prefix mean there (`memory.continued_prefix`), so every token routes as in one pass over
+    the whole sequence (`_pair_logprobs`), which this equals up to float rounding.
+    """
+    sizes = [len(completions) for _, completions in groups]
+    total, count = torch.zeros(sum(sizes)), torch.zeros(sum(sizes), dtype=torch.long)
+    offsets = [sum(sizes[:g]) for g in range(len(groups))]
+    device, pad = _device(model), tok.pad_token_id
+    with _inference(model):
+        for start in range(0, len(groups), PROMPTS_PER_PREFILL):
+            chunk = range(start, min(start + PROMPTS_PER_PREFILL, len(groups)))
+            ids, mask = (t.to(device) for t in left_pad([groups[g][0] for g in chunk], pad))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                        use_cache=True, logits_to_keep=1)
+            first = out.logits[:, -1].float().log_softmax(-1).cpu()  # (prompts, V)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            rows = []  # (prompt row in the chunk, flat index, completion) with a token to go
+            for row, g in enumerate(chunk):
+                for j, c in enumerate(groups[g][1]):
+                    flat = offsets[g] + j
+                    count[flat] = len(c)
+                    if c:
+                        total[flat] = first[row, c[0]]
+                    if len(c) > 1:
+                        rows.append((row, flat, c))
+            rows.sort(key=lambda r: len(r[2]))
+            for r0 in range(0, len(rows), batch_size):
+                part = rows[r0:r0 + batch_size]
+                index = torch.tensor([row for row, _, _ in part], device=device)
+                batch = collate_pairs([([c[0]], c[1:]) for _, _, c in part], pad)
+                cont_mask = batch.attention_mask[:, :-1].to(device)  # inputs: c[:-1]
+                full_mask = torch.cat([mask[index], cont_mask], dim=1)
+                cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v in kv])
+                with M.continued_prefix(model, index, len(chunk)):
+                    logits = model(input_ids=batch.input_ids[:, :-1].to(device),
+                                   attention_mask=full_mask, past_key_values=cache,
+                                   position_ids=_positions(full_mask)[:, mask.shape[1]:]).logits
+                logits = logits.float()  # (rows, T-1, V): position t predicts token t+1
+                target = batch.labels[:, 1:].to(device)
+                scored = target != IGNORE
+                picked = logits.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+                logp = ((picked - logits.logsumexp(-1)) * scored).sum(-1).cpu()
+                total[[flat for _, flat, _ in part]] += logp
+    return total, count
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left- or right-padded attention mask: 0, 1, ... over its real tokens."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def classify_by_likelihood(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                            examples: Sequence[Example], max_length: int, batch_size: int = 64,
-                           normalize: bool = False) -> list[str]:
+                           normalize: bool = False, share_prompts: bool = True) -> list[str]:
     """For each example, the choice with the highest total log-prob (mean per token if
     `normalize`). Ties go to the earlier choice.
 
-    All (prompt, choice) pairs of all examples are scored together, `batch_size` sequences per
-    forward, sorted by length. Prompts are not cached across choices: the memory's sequence
-    routing carries its prefix mean over one-token decoding steps only, so a multi-token
-    continuation on a cached prompt would route differently from a full forward.
+    With `share_prompts` (the default), an example's prompt runs once and its choices on its KV
+    cache (`_shared_prompt_logprobs`; an example whose choices cut its prompt differently to fit
+    `max_length` runs as below). Otherwise all (prompt, choice) pairs of all examples are
+    scored as whole sequences, `batch_size` per forward, sorted by length.
     """
     encoded, spans = [], []
     for i, ex in enumerate(examples):
@@ -117,13 +184,37 @@ def classify_by_likelihood(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
             raise ValueError(f"example {i} of task {ex.task!r} has no choices to classify among")
         spans.append((len(encoded), len(ex.choices)))
         encoded += [encode_pair(tok, ex.prompt, c, max_length, add_eos=False) for c in ex.choices]
-    total, count = _pair_logprobs(model, tok, encoded, batch_size)
+    if share_prompts:
+        total, count = _choice_logprobs(model, tok, encoded, spans, batch_size)
+    else:
+        total, count = _pair_logprobs(model, tok, encoded, batch_size)
     scores = (total / count.clamp(min=1)) if normalize else total  # (N,)
     preds = []
     for ex, (start, n) in zip(examples, spans):
         best = int(scores[start:start + n].argmax())  # argmax returns the first maximum
         preds.append(ex.choices[best])
     return preds
+
+
+def _choice_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                     encoded: Sequence[tuple[list[int], list[int]]], spans: Sequence[tuple[int, int]],
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_pair_logprobs` of every example's (prompt, choice) pairs (`spans`: each example's first
+    pair and count), an example's prompt run once where all its pairs share it."""
+    if any(not p for p, _ in encoded):
+        raise ValueError("every prompt needs at least one token: the first completion token "
+                         "must be predicted from something")
+    shared = [(start, n) for start, n in spans
+              if all(encoded[i][0] == encoded[start][0] for i in range(start, start + n))]
+    alone = sorted(set(range(len(encoded))) - {i for start, n in shared for i in range(start, start + n)})
+    total, count = torch.zeros(len(encoded)), torch.zeros(len(encoded), dtype=torch.long)
+    groups = [(encoded[start][0], [encoded[i][1] for i in range(start, start + n)]) for start, n in shared]
+    if groups:
+        flat = [i for start, n in shared for i in range(start, start + n)]
+        total[flat], count[flat] = _shared_prompt_logprobs(model, tok, groups, batch_size)
+    if alone:
+        total[alone], count[alone] = _pair_logprobs(model, tok, [encoded[i] for i in alone], batch_size)
+    return total, count
 
 
 def generate_greedy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],

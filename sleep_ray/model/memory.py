@@ -203,6 +203,7 @@ class ExpertPool(nn.Module):
         # part, (B, T, 1); set by `LayerMemory.forward` and used once by `routed_gates`.
         self.decision: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.continues_prefix = False  # inside `continued_prefix`: every call continues it
         # Blocks: the one-hot block choice (B, T, E, blocks) of the last routed scores.
         self.block_choice: torch.Tensor | None = None
         for e in range(self.capacity):
@@ -332,8 +333,10 @@ class ExpertPool(nn.Module):
         if torch.is_grad_enabled():  # teacher-forced: the whole sequence is in this call
             return csum / count.clamp_min(1.0)
         # Generation (no grad): a one-token call continues the running mean of the prompt and of
-        # the tokens generated so far; any longer call is a new prefill and starts afresh.
-        if x.shape[1] == 1 and self._seq_state is not None and len(self._seq_state[0]) == len(x):
+        # the tokens generated so far; any longer call is a new prefill and starts afresh, except
+        # inside `continued_prefix` (continuations on a prompt's KV cache).
+        if ((x.shape[1] == 1 or self.continues_prefix) and self._seq_state is not None
+                and len(self._seq_state[0]) == len(x)):
             prev_sum, prev_count = self._seq_state
             csum, count = csum + prev_sum, count + prev_count
         self._seq_state = (csum[:, -1:], count[:, -1:])
@@ -759,6 +762,36 @@ def memory_off(model: nn.Module, levels: tuple[int, ...] | None = None) -> Itera
     finally:
         for pool, active in saved:
             pool.active.copy_(active)
+
+
+@contextlib.contextmanager
+def continued_prefix(model: nn.Module, rows: torch.Tensor, prefill_rows: int) -> Iterator[None]:
+    """Calls inside continue the running prefix means that sequence routing kept from the
+    model's last call without gradients (a prefill of `prefill_rows` prompts), whatever their
+    length: row i of a call continues row `rows[i]` of the prefill. So continuations run on a
+    copy of the prompts' KV cache route as the whole sequences do in one teacher-forced pass.
+    Every call inside starts from the prefill's state again; the state is given back as it was
+    after the block. Without sequence routing nothing changes."""
+    saved = {pool: pool._seq_state for pool in model.modules() if isinstance(pool, ExpertPool)}
+    index = rows.long()
+
+    def start(pool: ExpertPool, state) -> None:  # a pool the prefill did not route keeps None
+        pool._seq_state = (None if state is None or len(state[0]) != prefill_rows
+                           else (state[0][index], state[1][index]))
+
+    def rewind(module, args) -> None:
+        for pool, state in saved.items():
+            start(pool, state)
+
+    hook = model.register_forward_pre_hook(rewind)
+    for pool in saved:
+        pool.continues_prefix = True
+    try:
+        yield
+    finally:
+        hook.remove()
+        for pool, state in saved.items():
+            pool._seq_state, pool.continues_prefix = state, False
 
 
 @contextlib.contextmanager

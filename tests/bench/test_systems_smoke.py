@@ -1,4 +1,4 @@
-"""The systems benchmark: a quick end-to-end run (all nine rows, tiny sizes, one repetition), the
+"""The systems benchmark: a quick end-to-end run (all ten rows, tiny sizes, one repetition), the
 actor telemetry helper, and the overhead arithmetic on numbers worked out by hand. No timing is
 asserted anywhere."""
 
@@ -94,7 +94,7 @@ def test_run_systems_quick(tmp_path):
     md = (tmp_path / "systems.md").read_text()
     report = json.loads((tmp_path / "systems.json").read_text())
     indices = {row["index"] for row in report["rows"]}
-    assert indices == {1, 2, 3, 4, 5, 6, 7, 8, 9}
+    assert indices == {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
     for group in S.ROW_GROUPS:
         assert f"| {group.index} |" in md
     assert "python benchmarks/systems.py" in md and "torch" in report["versions"]
@@ -116,6 +116,8 @@ def test_run_systems_quick(tmp_path):
     nine = by_index[9]["details"]  # both methods over the same wake steps; Sleep slept
     assert nine["consolidations"] > 0 and 0 < nine["consolidation_seconds"] < nine["sleep_seconds"]
     assert by_index[9]["ratio"] == pytest.approx(nine["naive_seconds"] / nine["sleep_seconds"])
+    ten = by_index[10]["details"]  # the shared prompt classifies as the whole sequences do
+    assert ten["pairs"] > ten["questions"] > 0 and ten["same_predictions"] == ten["questions"]
 
 
 def _assert_rollout_rows(rows: list[dict]) -> None:

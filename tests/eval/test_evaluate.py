@@ -6,7 +6,10 @@ import torch
 from sleep_ray.config import load_config
 from sleep_ray.data.collate import collate_examples
 from sleep_ray.data.languages import synthetic_language_stream
+from sleep_ray.data.collate import encode_pair
 from sleep_ray.eval.evaluate import (
+    _choice_logprobs,
+    _pair_logprobs,
     classify_by_likelihood,
     completion_logprobs,
     completion_nll,
@@ -14,6 +17,7 @@ from sleep_ray.eval.evaluate import (
     score_examples,
     score_stream,
 )
+from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.types import Example, Task
 
@@ -95,6 +99,59 @@ def test_classify_matches_brute_force_per_choice(tiny, normalize):
         scores = [_logprob_by_hand(model, tok, ex.prompt, c) for c in ex.choices]
         values = [s / n if normalize else s for s, n in scores]
         assert pred == ex.choices[max(range(len(values)), key=values.__getitem__)]
+
+
+def _routed_memory(*overrides):
+    """A tiny model whose fast expert and a level-2 expert add nonzero terms, routed by random
+    router rows (so routing decisions differ along a sequence)."""
+    cfg = load_config(None, ["model.pretrain_steps=0", "memory.capacity=[1, 3, 2]", *overrides])
+    model, tok = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    M.activate_expert(model, 2)
+    for memory in M.memories(model):
+        for pool in memory.levels[:2]:
+            pool.B[0].data.normal_(0, 0.1, generator=g)
+            pool.set_router(0, torch.randn(pool.dim, generator=g), 0.0)
+    return model, tok
+
+
+def _encoded(tok, prompts, choices, max_length):
+    encoded, spans = [], []
+    for p in prompts:
+        spans.append((len(encoded), len(choices)))
+        encoded += [encode_pair(tok, p, c, max_length, add_eos=False) for c in choices]
+    return encoded, spans
+
+
+@pytest.mark.parametrize("routing", [
+    ["memory.routing=token"],
+    # Sequence routing with the level gate: each choice token routes on the running mean of the
+    # prompt and the choice so far, which a pass on the prompt's cache must continue.
+    ["memory.routing=sequence", "memory.router=discriminant", "memory.shared_routing=true",
+     "memory.level_gate=true"],
+])
+def test_choices_on_a_shared_prompt_score_as_whole_sequences(routing):
+    model, tok = _routed_memory(*routing)
+    prompts = [PROMPT, "hi", "translate: the cat sees a dog"]  # unequal: left padding in the prefill
+    choices = [" weather", " balance", " set alarm now please", " a", ""]  # 1 to 4 tokens, or none
+    encoded, spans = _encoded(tok, prompts, choices, 64)
+    whole, whole_count = _pair_logprobs(model, tok, encoded, batch_size=7)
+    # 2 rows per continuation batch: one prompt's choices spread over several cache copies.
+    shared, shared_count = _choice_logprobs(model, tok, encoded, spans, batch_size=2)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    assert torch.equal(shared_count, whole_count)
+    assert shared_count[4] == 0 and shared[4] == 0  # the empty choice
+
+
+def test_an_example_whose_choices_cut_its_prompt_differently_runs_whole():
+    model, tok = _routed_memory("memory.routing=sequence")
+    # max_length 24: the long choice (17 tokens) cuts the long prompt (12) from the left, the
+    # short one does not; the short prompt (2) is cut by neither.
+    encoded, spans = _encoded(tok, [PROMPT, "hi"], [" a", " set alarm now please"], 24)
+    assert encoded[0][0] != encoded[1][0] and encoded[2][0] == encoded[3][0]
+    whole, _ = _pair_logprobs(model, tok, encoded, batch_size=4)
+    shared, _ = _choice_logprobs(model, tok, encoded, spans, batch_size=4)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
 
 
 def test_trained_model_is_classified_and_generated_right(trained):
