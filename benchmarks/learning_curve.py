@@ -12,8 +12,9 @@ expert then becomes a level-2 expert (its factors in the first rank columns of a
 the fast level starts again from its initial state: the wake of a Sleep run after its first
 1 -> 2, where the older expert adds to every input, without any of a consolidation's fitting.
 The prior task's test score is reported at each point too. With --prior equal to --task,
-the task's batches go on where the prior steps stopped: a task split by a consolidation. Output: one JSON file and a line
-per point.
+the task's batches go on where the prior steps stopped: a task split by a consolidation.
+--then-lr and --then-warmup change the fresh optimizer's rate after the prior steps (is what a
+split costs the optimizer's fresh start?). Output: one JSON file and a line per point.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--at", default="24,48,88,112", help="comma list of step counts to score at")
     ap.add_argument("--prior", default=None, metavar="I:N",
                     help="learn task I for N steps first, then make it a level-2 expert")
+    ap.add_argument("--then-lr", type=float, default=None, metavar="LR",
+                    help="with --prior: the fast level's rate after the prior steps (default: "
+                         "the config's, as in the prior steps)")
+    ap.add_argument("--then-warmup", type=int, default=0, metavar="N",
+                    help="with --prior: after the prior steps, raise the rate linearly over N "
+                         "steps (a fresh optimizer's first steps made small)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--output", required=True, help="JSON file of the curve")
@@ -92,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     def score(t) -> float:
         return score_examples(model, tok, t.test, t.metric, cfg.data.max_length, cfg.data.max_new_tokens)
 
-    def learn(t, steps: int, at: list[int], skip: int = 0) -> tuple[list[dict], list[float]]:
+    def learn(t, steps: int, at: list[int], skip: int = 0, lr: float | None = None,
+              warmup: int = 0) -> tuple[list[dict], list[float]]:
         method = Method("curve", fast_expert(model))
         optimizer = _optimizer(cfg, BaselineConfig(), method.params)
+        base = [group["lr"] if lr is None else lr for group in optimizer.param_groups]
         rows, losses = [], []
         for step, batch in enumerate(batches(t, cfg, steps, skip), start=1):
+            for group, rate in zip(optimizer.param_groups, base):
+                group["lr"] = rate * min(1.0, step / warmup) if warmup else rate
             losses.append(train_step(model, tok, batch, optimizer, method, cfg.data.max_length)["train/nll"])
             if step in at:
                 row = {"step": step, "score": score(t)}
@@ -116,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     # The prior task again (--prior equal to --task): its batches go on where they stopped, a
     # task split by a consolidation.
     skip = prior_steps if prior is task else 0
-    out["rows"], out["losses"] = learn(task, max(points), points, skip)
+    then = {"lr": args.then_lr, "warmup": args.then_warmup} if prior is not None else {}
+    out["then"] = then
+    out["rows"], out["losses"] = learn(task, max(points), points, skip, **then)
     out["seconds"] = time.perf_counter() - t0
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1))

@@ -9,6 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from sleep_ray.config import load_config
@@ -79,6 +80,34 @@ def test_a_split_task_goes_on_with_its_own_batches(tmp_path):
     assert [row["step"] for row in result["rows"]] == [1, 3] and len(result["losses"]) == 3
     assert [row["step"] for row in result["prior_rows"]] == [2]
     assert "prior_score" not in result["rows"][0]  # the prior task is the task itself
+
+
+def test_after_the_split_the_fast_level_learns_at_the_rate_asked(tmp_path, monkeypatch):
+    """--then-lr and --then-warmup set the rate of every step after the prior ones: at rate 0
+    the fresh fast level stays at its initial state (the split task scores as the copy alone)."""
+    curve = _script("learning_curve")
+    config, stream = _files(tmp_path, 1)
+    from sleep_ray.baselines import trainer
+
+    rates = []
+    step = trainer.train_step
+
+    def recording(model, tok, examples, optimizer, method, max_length):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step(model, tok, examples, optimizer, method, max_length)
+
+    monkeypatch.setattr(trainer, "train_step", recording)
+    out = tmp_path / "curve.json"
+    args = ["--config", str(config), "--path", str(stream), "--task", "0", "--at", "1,4",
+            "--prior", "0:2", "--output", str(out)]
+    assert curve.main(args + ["--then-lr", "0.02", "--then-warmup", "4"]) == 0
+    lr = load_config(str(config)).schedule.learning_rates[0]
+    assert rates == pytest.approx([lr, lr, 0.005, 0.01, 0.015, 0.02])
+    assert json.loads(out.read_text())["then"] == {"lr": 0.02, "warmup": 4}
+    rates.clear()
+    assert curve.main(args + ["--then-lr", "0"]) == 0
+    scores = [row["score"] for row in json.loads(out.read_text())["rows"]]
+    assert rates[2:] == [0.0] * 4 and scores[0] == scores[1]
 
 
 def test_the_trace_scores_every_started_task_around_each_consolidation(tmp_path):
