@@ -1,5 +1,7 @@
 """Task scoring on a tiny model built offline: batched results against one-at-a-time loops."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -130,7 +132,7 @@ def _encoded(tok, prompts, choices, max_length):
     ["memory.routing=sequence", "memory.router=discriminant", "memory.shared_routing=true",
      "memory.level_gate=true"],
 ])
-def test_choices_on_a_shared_prompt_score_as_whole_sequences(routing):
+def test_choices_on_a_shared_prompt_score_as_whole_sequences(routing, monkeypatch):
     model, tok = _routed_memory(*routing)
     prompts = [PROMPT, "hi", "translate: the cat sees a dog"]  # unequal: left padding in the prefill
     choices = [" weather", " balance", " set alarm now please", " a", ""]  # 1 to 4 tokens, or none
@@ -141,6 +143,10 @@ def test_choices_on_a_shared_prompt_score_as_whole_sequences(routing):
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
     assert torch.equal(shared_count, whole_count)
     assert shared_count[4] == 0 and shared[4] == 0  # the empty choice
+    if "memory.routing=sequence" in routing:  # the running mean carried onto the cache matters
+        monkeypatch.setattr(M, "continued_prefix", lambda *args: contextlib.nullcontext())
+        restarted, _ = _choice_logprobs(model, tok, encoded, spans, batch_size=2)
+        assert (restarted - whole).abs().max() > 0.01
 
 
 def test_an_example_whose_choices_cut_its_prompt_differently_runs_whole():
