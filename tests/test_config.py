@@ -75,6 +75,21 @@ def test_languages_into_english_runs_the_measured_method():
         assert all(step % task for step in range(w, task * cfg.data.num_tasks + 1, w)), w
 
 
+def test_clinc150_on_the_real_backbone_runs_the_measured_method():
+    # benchmarks/configs/real_clinc150.yaml: real.yaml's memory and method on CLINC150's domains,
+    # class-incremental; 76-step tasks (150 utterances / 8 x 4 epochs), no consolidation on a
+    # boundary.
+    cfg = load_config(ROOT / "benchmarks/configs/real_clinc150.yaml")
+    clinc, real = config_to_dict(cfg), config_to_dict(load_config(ROOT / "benchmarks/configs/real.yaml"))
+    for section in ("model", "memory", "seeding", "dreaming", "schedule", "run"):
+        differ = {k for k in clinc[section] if clinc[section][k] != real[section][k]}
+        assert differ <= {"epochs_per_task"}, (section, differ)
+    task = -(-cfg.data.train_per_task // cfg.data.batch_size) * cfg.run.epochs_per_task
+    assert cfg.data.stream == "clinc150" and task == 76
+    for w in cfg.schedule.windows[:-1]:
+        assert all(step % task for step in range(w, task * cfg.data.num_tasks + 1, w)), w
+
+
 def test_shipped_yamls_exist():
     assert list(ROOT.glob("jobs/configs/*.yaml")), "jobs/configs/ must ship at least one config"
 
