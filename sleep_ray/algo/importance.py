@@ -28,6 +28,7 @@ that change with the dropout draw rank dreams by noise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator
@@ -122,11 +123,10 @@ def _expert_plan(model: nn.Module, params: dict[str, Tensor]) -> dict[str, dict]
     parameter is a memory expert's A or B factor, else None (the structured path can't be used)."""
     from sleep_ray.model.memory import ExpertPool
 
-    modules = dict(model.named_modules())
     plan: dict[str, dict] = {}
     for name in params:
         m = _EXPERT_NAME.match(name)
-        pool = modules.get(m["pool"]) if m else None
+        pool = _submodule(model, m["pool"]) if m else None
         if not isinstance(pool, ExpertPool):
             return None  # a linear router row, or not an expert factor at all
         if pool.blocks > 1:
@@ -148,11 +148,26 @@ def _summed_sft_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return (ce.sum(1) / counted).sum()
 
 
-def _supports(model: nn.Module, kwarg: str) -> bool:
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
     try:
-        return kwarg in inspect.signature(model.forward).parameters
+        return model.get_submodule(name)  # walks the name's path only, not every module
+    except AttributeError:
+        return None
+
+
+def _supports(model: nn.Module, kwarg: str) -> bool:
+    forward = model.forward  # a bound method: the cache is keyed by its function, not the model
+    return kwarg in _forward_kwargs(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_kwargs(forward: Callable) -> frozenset[str]:
+    """The parameter names of a forward method (cached: `inspect.signature` costs as much as a
+    small op, and the dream phase asks on every call)."""
+    try:
+        return frozenset(inspect.signature(forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
 
 
 def _idle_pools(model: nn.Module, plan: dict[str, dict]) -> list[nn.Module]:
@@ -227,11 +242,12 @@ def _prefix_cacheable(model: nn.Module, plan: dict[str, dict]) -> bool:
 
 
 @contextlib.contextmanager
-def _recording(model: nn.Module, plan: dict[str, dict]) -> Iterator[dict]:
+def _recording(model: nn.Module, plan: dict[str, dict],
+               named: dict[str, nn.Parameter] | None = None) -> Iterator[dict]:
     """Inside: every planned pool's input x, gates g (its planned slots) and a zero tensor z
     added to its output (d loss / d z = d loss / d output) are recorded per forward call;
     no parameter requires grad; idle pools return zeros without running. Restored after."""
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters()) if named is None else named
     flags = {n: p.requires_grad for n, p in named.items()}
     slots = {key: sorted(set(e["A"]) | set(e["B"])) for key, e in plan.items()}
     records = {key: {"x": [], "g": [], "z": []} for key in plan}
@@ -302,13 +318,14 @@ def _expert_structure_norms(model: nn.Module, params: dict[str, Tensor], plan: d
     p = shared_prefix(input_ids, first) if prefix_min_tokens is not None else 0
     with torch.enable_grad():
         if p > 0 and (n - 1) * p >= prefix_min_tokens and _prefix_cacheable(model, plan):
-            x, g, dy = _prefix_cached_pass(model, substitute, plan, input_ids, labels, p, first, last)
+            x, g, dy = _prefix_cached_pass(model, substitute, plan, input_ids, labels, p, first, last,
+                                           named)
         else:
-            x, g, dy = _full_pass(model, substitute, plan, input_ids, labels, first, last)
+            x, g, dy = _full_pass(model, substitute, plan, input_ids, labels, first, last, named)
     return _norms_from_records(params, plan, x, g, dy, input_ids.shape[0])
 
 
-def _full_pass(model, substitute, plan, input_ids, labels, first, last):
+def _full_pass(model, substitute, plan, input_ids, labels, first, last, named=None):
     """One batched forward and backward: per pool, x (N, T, d), g (N, T, S), dy (N, T, d)
     (calls laid end to end in time), or None for a pool that never ran."""
     kwargs = {"input_ids": input_ids[:, :last + 1]}  # later tokens predict no label
@@ -317,7 +334,7 @@ def _full_pass(model, substitute, plan, input_ids, labels, first, last):
     keep = last - first + 1
     if _supports(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep  # no LM head on the unlabelled prompt
-    with _recording(model, plan) as records:
+    with _recording(model, plan, named) as records:
         out = _forward(model, substitute, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out
         loss = _summed_sft_loss(logits[:, -keep:], labels[:, first + 1:last + 2])
@@ -335,7 +352,7 @@ def _full_pass(model, substitute, plan, input_ids, labels, first, last):
     return x, g, dy
 
 
-def _prefix_cached_pass(model, substitute, plan, input_ids, labels, p, first, last):
+def _prefix_cached_pass(model, substitute, plan, input_ids, labels, p, first, last, named=None):
     """`_full_pass`'s records with the shared prefix (p tokens) computed once.
 
     1. The prefix, one row, with its KV cache. 2. The N suffixes on per-row leaf copies of that
@@ -345,13 +362,13 @@ def _prefix_cached_pass(model, substitute, plan, input_ids, labels, p, first, la
     """
     n = input_ids.shape[0]
     keep = last - first + 1
-    with _recording(model, plan) as pre:
+    with _recording(model, plan, named) as pre:
         out = _forward(model, substitute, input_ids=input_ids[:1, :p], use_cache=True,
                        logits_to_keep=1)
         kv = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
     leaves = [t.detach().expand(n, *t.shape[1:]).clone().requires_grad_(True) for t in kv]
     cache = type(out.past_key_values)(ddp_cache_data=list(zip(leaves[0::2], leaves[1::2])))
-    with _recording(model, plan) as suf:
+    with _recording(model, plan, named) as suf:
         out = _forward(model, substitute, input_ids=input_ids[:, p:last + 1],
                        past_key_values=cache, use_cache=True, logits_to_keep=keep)
         loss = _summed_sft_loss(out.logits[:, -keep:], labels[:, first + 1:last + 2])

@@ -42,15 +42,13 @@ def encode_pair(tok: PreTrainedTokenizerBase, prompt: str, completion: str, max_
 def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     """Right-padded batch of (prompt ids, completion ids) with completion-only labels."""
     width = max(len(p) + len(c) for p, c in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
-    for i, (p, c) in enumerate(pairs):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(list(p) + list(c))
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(list(c))
-    return Batch(ids, mask, labels)
+    ids, mask, labels = [], [], []  # rows as lists, one tensor each at the end (one call, not B)
+    for p, c in pairs:
+        n, pad = len(p) + len(c), width - len(p) - len(c)
+        ids.append([*p, *c] + [pad_id] * pad)
+        mask.append([1] * n + [0] * pad)
+        labels.append([IGNORE] * len(p) + [*c] + [IGNORE] * pad)
+    return Batch(*(torch.tensor(rows, dtype=torch.long) for rows in (ids, mask, labels)))
 
 
 def collate_examples(tok: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
