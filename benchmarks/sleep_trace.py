@@ -3,6 +3,8 @@
     python benchmarks/sleep_trace.py --config benchmarks/configs/real.yaml \\
         --path runs/facts/facts_other.jsonl --set data.num_tasks=2 --set run.seed=0 \\
         --output runs/trace/seed0.json
+    python benchmarks/sleep_trace.py --config benchmarks/configs/real_clinc150.yaml \\
+        --set data.num_tasks=4 --set data.test_per_task=15 --output runs/trace/clinc4_seed0.json
 
 One Sleep run over the stream (`LocalSleepRun`, as `bench continual` runs it). Before and after
 every consolidation, and at the end, the test score of every task the run has started, so that
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="sleep_trace.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config of the Sleep run")
-    ap.add_argument("--path", required=True, help="JSONL stream file")
+    ap.add_argument("--path", default=None,
+                    help="JSONL stream file (default: the config's own stream, e.g. CLINC150)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--every-routing", action="store_true",
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from sleep_ray.sleep.pretrain import build_sleep_model
 
     torch.set_num_threads(1)
-    cfg = load_config(args.config, stream_overrides(args.config, "jsonl", args.path, args.overrides))
+    stream_kind = "jsonl" if args.path else None
+    cfg = load_config(args.config, stream_overrides(args.config, stream_kind, args.path, args.overrides))
     stream = stream_from_config(cfg.data, cfg.run.seed)
     model, tok = build_sleep_model(cfg)
     learner = Learner(cfg, model, tok)

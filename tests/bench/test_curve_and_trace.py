@@ -132,6 +132,17 @@ def test_the_trace_scores_every_started_task_around_each_consolidation(tmp_path)
     assert end == result["R"][-1]
 
 
+def test_the_trace_runs_the_configs_own_stream_without_a_path(tmp_path):
+    trace = _script("sleep_trace")
+    _, stream = _files(tmp_path, 1)
+    config = tmp_path / "own.yaml"
+    config.write_text(TINY.replace("data: {stream: jsonl, batch_size: 4}",
+                                   f"data: {{stream: jsonl, path: {stream}, batch_size: 4}}"))
+    out = tmp_path / "trace.json"
+    assert trace.main(["--config", str(config), "--output", str(out)]) == 0
+    assert len(json.loads(out.read_text())["R"]) == 1  # the one task of the config's stream
+
+
 def test_scoring_under_other_routings_leaves_the_memory_as_it_was(tmp_path):
     trace = _script("sleep_trace")
     config, _ = _files(tmp_path, 1, TINY.replace("model: {pretrain_steps: 0}",
