@@ -15,6 +15,7 @@ builds them); generation is left-padded so every prompt ends at the same positio
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -69,6 +70,12 @@ def _batch_logprobs(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor,
     return logp.sum(-1).cpu(), scored.sum(-1).cpu()
 
 
+def _check_prompts(pairs: Sequence[tuple[list[int], list[int]]]) -> None:
+    if any(not p for p, _ in pairs):
+        raise ValueError("every prompt needs at least one token: the first completion token "
+                         "must be predicted from something")
+
+
 def _pair_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                    pairs: Sequence[tuple[list[int], list[int]]],
                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +83,7 @@ def _pair_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
 
     Pairs are batched in order of length (less padding), and results put back in input order.
     """
-    if any(not p for p, _ in pairs):
-        raise ValueError("every prompt needs at least one token: the first completion token "
-                         "must be predicted from something")
+    _check_prompts(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     total = torch.zeros(len(pairs))
     count = torch.zeros(len(pairs), dtype=torch.long)
@@ -122,7 +127,7 @@ def _shared_prompt_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase
     """
     sizes = [len(completions) for _, completions in groups]
     total, count = torch.zeros(sum(sizes)), torch.zeros(sum(sizes), dtype=torch.long)
-    offsets = [sum(sizes[:g]) for g in range(len(groups))]
+    offsets = [0, *itertools.accumulate(sizes)]  # groups[g]'s first completion, flat
     device, pad = _device(model), tok.pad_token_id
     with _inference(model):
         for start in range(0, len(groups), PROMPTS_PER_PREFILL):
@@ -201,9 +206,7 @@ def _choice_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`_pair_logprobs` of every example's (prompt, choice) pairs (`spans`: each example's first
     pair and count), an example's prompt run once where all its pairs share it."""
-    if any(not p for p, _ in encoded):
-        raise ValueError("every prompt needs at least one token: the first completion token "
-                         "must be predicted from something")
+    _check_prompts(encoded)
     shared = [(start, n) for start, n in spans
               if all(encoded[i][0] == encoded[start][0] for i in range(start, start + n))]
     alone = sorted(set(range(len(encoded))) - {i for start, n in shared for i in range(start, start + n)})
