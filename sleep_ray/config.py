@@ -318,6 +318,15 @@ class ScheduleConfig:
     optimizer: Literal["sgd", "adamw"] = "adamw"
     # Levels (1-based) that take wake gradients; by default only the fastest.
     wake_levels: tuple[int, ...] = (1,)
+    # Beyond the paper (the project's choice): also consolidate level 1 into 2 when the fast
+    # level's inputs shift. Before it learns a batch the fast level scores it; a loss over
+    # `shift_ratio` times the mean of its last `shift_history` batches since its last
+    # consolidation, and over that mean plus `shift_margin` (nats per token), is a shift: it
+    # sleeps first, so that one window holds one stretch of the stream. The learner's own signal:
+    # no task boundary is told. W(1) then bounds a window. 0 = off (the CMS clock alone).
+    shift_ratio: float = 0.0
+    shift_margin: float = 1.0
+    shift_history: int = 8
 
     @property
     def num_levels(self) -> int:
@@ -360,6 +369,15 @@ class ScheduleConfig:
         for level in self.wake_levels:
             if not 1 <= level <= len(cs):
                 _fail(f"{at}.wake_levels", self.wake_levels, f"level {level} does not exist")
+        if self.shift_ratio:
+            if self.shift_ratio < 1.0:
+                _fail(f"{at}.shift_ratio", self.shift_ratio, "must be 0 (off) or >= 1")
+            if len(cs) < 2:
+                _fail(f"{at}.shift_ratio", self.shift_ratio, "needs a level 2 to consolidate into")
+        if self.shift_margin < 0:
+            _fail(f"{at}.shift_margin", self.shift_margin, "must be >= 0")
+        if self.shift_history < 1:
+            _fail(f"{at}.shift_history", self.shift_history, "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -268,13 +268,14 @@ class SleepDriver:
                 if max_steps is not None and self.clock.step >= max_steps:
                     bar.close()
                     return False
+                shifted = self.clock.watches_shift and self.sleep_on_shift(batch, task)
                 stats = self.wake(batch, task_heldout(task, bs, epoch, i))
                 plan = self.clock.tick()
                 self.after_step(plan, task)
                 self.log({"step": plan.step, **stats})
                 self.position = Position(t, done)
                 bar.update(1)
-                if plan.consolidations or (self.checkpoint_every and plan.step % self.checkpoint_every == 0):
+                if shifted or plan.consolidations or (self.checkpoint_every and plan.step % self.checkpoint_every == 0):
                     self.checkpoint()
         bar.close()
         return True
@@ -284,6 +285,19 @@ class SleepDriver:
         self.update([lv for lv in plan.updates if lv not in sources])
         if plan.consolidations:
             self.sleep(plan, task)
+
+    def sleep_on_shift(self, batch, task: Task) -> bool:
+        """The fast level scores the coming batch; a shift of its inputs sleeps first (as the
+        reference, `LocalSleepRun.sleep_on_shift`). Whether it slept."""
+        with self.record.timed("shift"):
+            loss = ray.get(self.learners[0].batch_loss.remote(batch))
+        plan = self.clock.observe(loss)
+        self.log({"step": self.clock.step, "shift/loss": loss, "shift/slept": float(plan is not None)})
+        if plan is not None:
+            log.info("the fast level's inputs shifted before step %d (loss %.2f): sleeping",
+                     plan.step + 1, loss)
+            self.sleep(plan, task)
+        return plan is not None
 
     def sleep(self, plan: StepPlan, task: Task) -> None:
         """Consolidate every due level, fastest first, then dream once (as the reference)."""

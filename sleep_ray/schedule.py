@@ -2,13 +2,19 @@
 
 Steps count from 1: step i is the i-th batch of the stream. At step i, level l applies its
 accumulated Eq. 2 update when C(l) > 0 and i = 0 (mod C(l)); the consolidation of level l into
-l+1 is due when W(l) > 0 and i = 0 (mod W(l)). Due consolidations run fastest first (1 -> 2
-before 2 -> 3), and before the updates of the same step ("perform memory consolidation before
-updating its parameters"); a consolidating level's update is its `update` transition.
+l+1 is due every W(l) steps since that level's last consolidation (i = 0 (mod W(l)) when
+nothing else consolidates it). Due consolidations run fastest first (1 -> 2 before 2 -> 3), and
+before the updates of the same step ("perform memory consolidation before updating its
+parameters"); a consolidating level's update is its `update` transition.
+
+Beyond the paper (`schedule.shift_ratio`): before a batch is learned, the fast level's loss on
+it may show that its inputs shifted (`input_shift`); the clock then plans a 1 -> 2 at once.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sleep_ray.config import ScheduleConfig
@@ -25,21 +31,43 @@ class StepPlan:
     updates: tuple[int, ...]
 
 
+def input_shift(losses: Sequence[float], loss: float, ratio: float, margin: float,
+                history: int) -> bool:
+    """Whether `loss`, the fast level's mean token loss on the coming batch before it learns it,
+    says its inputs shifted: over `ratio` times the mean of the last `history` of `losses` (the
+    batches since its last consolidation) and over that mean plus `margin`. Never with fewer
+    than `history` losses, a non-finite loss, or `ratio` 0 (off)."""
+    if ratio <= 0 or len(losses) < history or not math.isfinite(loss):
+        return False
+    mean = sum(losses[-history:]) / history
+    return loss > ratio * mean and loss > mean + margin
+
+
 class CMSClock:
     """Counts wake steps and says which level updates and consolidations are due."""
 
     def __init__(self, schedule: ScheduleConfig):
         self.schedule = schedule
         self.step = 0
+        self.last = [0] * schedule.num_levels  # the step of each level's last consolidation
+        self.losses: list[float] = []  # the fast level's recent batch losses (`observe`)
+
+    @property
+    def watches_shift(self) -> bool:
+        """Whether the fast level scores each batch before learning it (`observe`)."""
+        return self.schedule.shift_ratio > 0
 
     def updates_due(self, step: int) -> tuple[int, ...]:
         return tuple(level for level, c in enumerate(self.schedule.chunk_sizes, start=1)
                      if c > 0 and step % c == 0)
 
     def consolidations_due(self, step: int) -> tuple[tuple[int, int], ...]:
-        k = self.schedule.num_levels
-        return tuple((level, level + 1) for level in range(1, k)
-                     if self.schedule.window(level) > 0 and step % self.schedule.window(level) == 0)
+        due = []
+        for level in range(1, self.schedule.num_levels):
+            window, last = self.schedule.window(level), self.last[level - 1]
+            if window > 0 and step > last and (step - last) % window == 0:
+                due.append((level, level + 1))
+        return tuple(due)
 
     def plan(self, step: int) -> StepPlan:
         return StepPlan(step, self.consolidations_due(step), self.updates_due(step))
@@ -47,10 +75,33 @@ class CMSClock:
     def tick(self) -> StepPlan:
         """Advance one wake step and return its plan."""
         self.step += 1
-        return self.plan(self.step)
+        plan = self.plan(self.step)
+        self.record(plan)
+        return plan
+
+    def observe(self, loss: float) -> StepPlan | None:
+        """The fast level's loss on the coming batch, before it learns it: a plan to consolidate
+        level 1 into 2 now (at the current step, before the batch) when its inputs shifted,
+        else None. Either way the loss opens or joins the fast level's history."""
+        s = self.schedule
+        shifted = input_shift(self.losses, loss, s.shift_ratio, s.shift_margin, s.shift_history)
+        plan = StepPlan(self.step, ((1, 2),), ()) if shifted else None
+        if plan is not None:
+            self.record(plan)
+        self.losses = (self.losses + [float(loss)])[-s.shift_history:]
+        return plan
+
+    def record(self, plan: StepPlan) -> None:
+        """Note `plan`'s consolidations: each source's window starts again."""
+        for source, _ in plan.consolidations:
+            self.last[source - 1] = plan.step
+            if source == 1:
+                self.losses = []
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "last": list(self.last), "losses": list(self.losses)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.last = [int(s) for s in state.get("last", [0] * self.schedule.num_levels)]
+        self.losses = [float(x) for x in state.get("losses", [])]

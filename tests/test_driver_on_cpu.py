@@ -103,3 +103,30 @@ def test_a_two_process_deepspeed_group_sleeps_as_one_learner(ray_session, cfg, l
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     asked = [e for e in events if "consolidate/seconds_student_sampling" in e]
     assert len(asked) == 3 and all(e["seed/steps"] == 2 for e in asked)
+
+
+@pytest.mark.slow
+def test_sleeps_on_a_shift_as_the_one_process_run_does(ray_session, cfg, one_process_run, tmp_path):
+    """`schedule.shift_ratio` on the Ray driver: the rollout-free loss check runs on the learner
+    and the clock decides in the driver. A hair trigger (any batch scoring above the one before it)
+    makes shift sleeps certain on this tiny stream (level 2 merges when full); the Ray run sleeps at the same steps and ends
+    with the one-process run's memory bit for bit."""
+    from dataclasses import replace
+
+    from sleep_ray.driver import run_on_ray
+
+    shift = replace(cfg, schedule=replace(cfg.schedule, shift_ratio=1.0, shift_margin=0.0,
+                                          shift_history=1),
+                    dreaming=replace(cfg.dreaming, enabled=False),
+                    memory=replace(cfg.memory, full_pool="merge"))  # more sleeps than level 2 holds
+    expected = one_process_run(shift, tmp_path / "local")
+    summary = run_on_ray(shift, tmp_path / "ray")
+    local = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    ray_rows = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    slept = [r["step"] for r in local if r.get("shift/slept")]
+    assert slept and slept == [r["step"] for r in ray_rows if r.get("shift/slept")]
+    assert [r["shift/loss"] for r in local if "shift/loss" in r] == \
+        [r["shift/loss"] for r in ray_rows if "shift/loss" in r]
+    assert_same_memory(read_memory_state(tmp_path / "ray" / "memory.safetensors"),
+                       read_memory_state(tmp_path / "local" / "memory.safetensors"))
+    assert summary["R"] == expected["R"] and summary["cycles"] == expected["cycles"] > 2

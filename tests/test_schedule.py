@@ -27,3 +27,65 @@ def test_state_round_trip():
     b = CMSClock(cfg.schedule)
     b.load_state_dict(a.state_dict())
     assert b.tick() == a.tick()
+
+
+def test_input_shift_against_hand_worked_values():
+    from sleep_ray.schedule import input_shift
+
+    # The last 4 losses average 0.5: a shift needs > 2 * 0.5 = 1.0 and > 0.5 + 1 = 1.5.
+    losses = [9.0, 0.4, 0.6, 0.5, 0.5]
+    assert input_shift(losses, 1.6, ratio=2.0, margin=1.0, history=4)
+    assert not input_shift(losses, 1.4, ratio=2.0, margin=1.0, history=4)  # ratio yes, margin no
+    # Mean 4.0 (a fast level still learning): 5.5 clears the margin, not twice the mean.
+    assert not input_shift([4.0] * 4, 5.5, ratio=2.0, margin=1.0, history=4)
+    assert input_shift([4.0] * 4, 8.5, ratio=2.0, margin=1.0, history=4)
+    # Too little history, a non-finite loss, or the check off: never.
+    assert not input_shift([0.1] * 3, 5.0, ratio=2.0, margin=1.0, history=4)
+    assert not input_shift([0.1] * 4, float("nan"), ratio=2.0, margin=1.0, history=4)
+    assert not input_shift([0.1] * 4, float("inf"), ratio=2.0, margin=1.0, history=4)
+    assert not input_shift([0.1] * 4, 5.0, ratio=0.0, margin=1.0, history=4)
+
+
+def test_a_shift_sleeps_before_the_batch_and_restarts_the_fast_window():
+    cfg = load_config(None, ["schedule.chunk_sizes=[1, 0, 0]", "schedule.windows=[4, 8, 0]",
+                             "schedule.shift_ratio=2.0", "schedule.shift_history=2"])
+    clock = CMSClock(cfg.schedule)
+    assert clock.watches_shift
+    due = {}
+    for loss in [3.0, 0.4, 0.2, 0.2, 0.3, 0.2, 5.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.3]:
+        shift = clock.observe(loss)
+        if shift is not None:
+            due[clock.step] = ("shift", shift.consolidations)
+        plan = clock.tick()
+        if plan.consolidations:
+            due[plan.step] = ("clock", plan.consolidations)
+    # Window at 4; the batch of loss 5.0 (step 7) comes after 2 steps of mean 0.25: a 1 -> 2
+    # after step 6, before it. Level 1's window counts from there (next at 10), level 2's does not.
+    assert due == {4: ("clock", ((1, 2),)), 6: ("shift", ((1, 2),)), 8: ("clock", ((2, 3),)),
+                   10: ("clock", ((1, 2),))}
+    assert clock.last == [10, 8, 0]
+
+
+def test_the_shift_history_survives_a_checkpoint():
+    cfg = load_config(None, ["schedule.shift_ratio=2.0", "schedule.shift_history=3"])
+    a = CMSClock(cfg.schedule)
+    for loss in [0.2, 0.3, 0.2]:
+        assert a.observe(loss) is None
+        a.tick()
+    b = CMSClock(cfg.schedule)
+    b.load_state_dict(a.state_dict())
+    assert b.observe(4.0) == a.observe(4.0) is not None
+    assert b.state_dict() == a.state_dict()
+
+
+def test_a_shift_without_a_level_to_consolidate_into_is_refused():
+    import pytest
+
+    from sleep_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="shift_ratio"):
+        load_config(None, ["schedule.chunk_sizes=[1]", "schedule.windows=[0]",
+                           "schedule.learning_rates=[0.01]", "schedule.shift_ratio=2.0",
+                           "memory.capacity=[1]", "memory.top_k=[1]"])
+    with pytest.raises(ConfigError, match="shift_ratio"):
+        load_config(None, ["schedule.shift_ratio=0.5"])

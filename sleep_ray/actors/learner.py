@@ -139,6 +139,12 @@ class LearnerWorker:
         mean = torch.tensor(self._group_mean(loss.detach()), dtype=torch.float64)
         return L.finish_wake_step(examples, mean, heldout)
 
+    @compute_timed
+    def batch_loss(self, examples: Sequence[Example]) -> float:
+        """`Learner.batch_loss`: the whole batch on this worker (every worker holds the same
+        memory), for the driver's shift check before a wake step."""
+        return self.learner.batch_loss(examples)
+
     def _slice_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor) -> torch.Tensor:
         """This worker's share of the batch's mean token loss (all (B, T)), scaled so that the

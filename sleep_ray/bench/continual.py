@@ -90,7 +90,8 @@ def run_method(method: str, cfg: SleepConfig, stream: Stream, bcfg: BaselineConf
                         consolidations=[m for m in metrics if "consolidate/source" in m],
                         dreams=[m for m in metrics if "dream/generated" in m or "dream/kept" in m],
                         losses=[[m["step"], m[key]] for m in metrics
-                                for key in ("wake/loss", "train/loss") if key in m])
+                                for key in ("wake/loss", "train/loss") if key in m],
+                        shifts=[[m["step"], m["shift/loss"]] for m in metrics if m.get("shift/slept")])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

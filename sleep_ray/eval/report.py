@@ -36,6 +36,9 @@ class MethodResult:
     # steps (replay's and EWC's with their extra terms); where a run's scores collapse, this
     # tells a diverged training from forgetting.
     losses: list[list[float]] = field(default_factory=list)
+    # Sleep's sleeps on a shift of the fast level's inputs (`schedule.shift_ratio`), each as
+    # [step it slept after, the coming batch's loss]; empty without them.
+    shifts: list[list[float]] = field(default_factory=list)
 
 
 def top_level_seconds(phase_seconds: dict[str, float]) -> float:

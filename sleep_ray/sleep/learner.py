@@ -111,6 +111,19 @@ class Learner:
         loss.backward()
         return self.finish_wake_step(examples, loss, heldout)
 
+    @torch.no_grad()
+    def batch_loss(self, examples: Sequence[Example]) -> float:
+        """The mean token loss of a batch as the wake step would see it before learning it (the
+        same forward, every level routing on its own); nothing changes, no usage is counted.
+        The clock reads it for a shift of the fast level's inputs (`CMSClock.observe`)."""
+        self.model.train()
+        batch = collate_examples(self.tok, examples, self.cfg.data.max_length).to(self.model.device)
+        with M.wake_inputs(self.model):
+            loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              labels=batch.labels).loss
+        self.model.eval()
+        return loss.item()
+
     def wake_parameters(self) -> list[torch.nn.Parameter]:
         return [p for opt in self.levels.values() for p in opt.params.values()]
 

@@ -1,6 +1,7 @@
 """The Sleep life cycle over a task stream, in one process: the reference run.
 
-    for each task, for each batch:      wake_step            (fast level accumulates, Eq. 2)
+    for each task, for each batch:      [shift check]        (schedule.shift_ratio: a 1 -> 2 first)
+                                        wake_step            (fast level accumulates, Eq. 2)
         plan = clock.tick()             updates due          (levels whose chunk ended)
         for (l-1, l) in plan:           consolidate          (teacher, transition, expand, seed, prune)
         after a sleep:                  dream                (generate, select, LoRA copies, ReST-EM)
@@ -122,6 +123,8 @@ class LocalSleepRun:
         bs = self.cfg.data.batch_size
         for epoch in range(self.cfg.run.epochs_per_task):
             for i, batch in enumerate(task_batches(task, bs, self.cfg.run.seed, epoch)):
+                if self.clock.watches_shift:
+                    self.sleep_on_shift(batch, task)
                 t0 = time.perf_counter()
                 with self.record.timed("wake"):
                     stats = self.learner.wake_step(batch, task_heldout(task, bs, epoch, i))
@@ -142,6 +145,17 @@ class LocalSleepRun:
         with self.record.timed("update"):
             self.learner.apply_updates([lv for lv in plan.updates if lv not in sources])
         if plan.consolidations:
+            self.sleep(plan, task)
+
+    def sleep_on_shift(self, batch: list[Example], task: Task) -> None:
+        """The fast level scores the coming batch; a shift of its inputs sleeps first."""
+        with self.record.timed("shift"):
+            loss = self.learner.batch_loss(batch)
+        plan = self.clock.observe(loss)
+        self.log({"step": self.clock.step, "shift/loss": loss, "shift/slept": float(plan is not None)})
+        if plan is not None:
+            log.info("the fast level's inputs shifted before step %d (loss %.2f): sleeping",
+                     plan.step + 1, loss)
             self.sleep(plan, task)
 
     def sleep(self, plan: StepPlan, task: Task) -> None:
