@@ -1,6 +1,7 @@
 """SleepDriver: the Sleep life cycle over Ray actors, phase for phase the one-process `LocalSleepRun`.
 
-    for each task, for each batch:   wake          learner group: wake_step (Eq. 2 accumulate)
+    for each task, for each batch:   wake          learner group: wake_step (Eq. 2 accumulate; a
+                                                   batch that shows a shift: 1 -> 2 first)
         plan = clock.tick()          update        learner group: apply_updates
         for (l-1, l) in plan:        consolidate   rollout: teacher samples; learners: consolidate,
                                                    every student sample asked of rollout
@@ -268,8 +269,13 @@ class SleepDriver:
                 if max_steps is not None and self.clock.step >= max_steps:
                     bar.close()
                     return False
-                shifted = self.clock.watches_shift and self.sleep_on_shift(batch, task)
-                stats = self.wake(batch, task_heldout(task, bs, epoch, i))
+                heldout = task_heldout(task, bs, epoch, i)
+                stats = self.wake(batch, heldout)
+                shifted = bool(stats.get("wake/shifted"))
+                if shifted:
+                    self.sleep_on_shift(stats, task)
+                    stats = self.wake(batch, heldout)
+                self.clock.observe(stats["wake/loss"])
                 plan = self.clock.tick()
                 self.after_step(plan, task)
                 self.log({"step": plan.step, **stats})
@@ -286,18 +292,15 @@ class SleepDriver:
         if plan.consolidations:
             self.sleep(plan, task)
 
-    def sleep_on_shift(self, batch, task: Task) -> bool:
-        """The fast level scores the coming batch; a shift of its inputs sleeps first (as the
-        reference, `LocalSleepRun.sleep_on_shift`). Whether it slept."""
-        with self.record.timed("shift"):
-            loss = ray.get(self.learners[0].batch_loss.remote(batch))
-        plan = self.clock.observe(loss)
-        self.log({"step": self.clock.step, "shift/loss": loss, "shift/slept": float(plan is not None)})
-        if plan is not None:
-            log.info("the fast level's inputs shifted before step %d (loss %.2f): sleeping",
-                     plan.step + 1, loss)
-            self.sleep(plan, task)
-        return plan is not None
+    def sleep_on_shift(self, stats: dict[str, float], task: Task) -> StepPlan:
+        """The coming batch showed a shift of the fast level's inputs: sleep before learning it
+        (as the reference, `LocalSleepRun.sleep_on_shift`)."""
+        plan = self.clock.shifted()
+        self.log({"step": plan.step, "shift/loss": stats["wake/loss"], "shift/slept": 1.0})
+        log.info("the fast level's inputs shifted before step %d (loss %.2f): sleeping",
+                 plan.step + 1, stats["wake/loss"])
+        self.sleep(plan, task)
+        return plan
 
     def sleep(self, plan: StepPlan, task: Task) -> None:
         """Consolidate every due level, fastest first, then dream once (as the reference)."""
@@ -324,7 +327,8 @@ class SleepDriver:
 
     def wake(self, batch, heldout) -> dict[str, float]:
         with self.record.timed("wake"):
-            return self._learner_group(lambda w: w.wake_step.remote(batch, heldout))[0]
+            shift = self.clock.shift_losses()
+            return self._learner_group(lambda w: w.wake_step.remote(batch, heldout, shift))[0]
 
     def update(self, levels: list[int]) -> None:
         with self.record.timed("update"):

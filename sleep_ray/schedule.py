@@ -7,14 +7,14 @@ nothing else consolidates it). Due consolidations run fastest first (1 -> 2 befo
 before the updates of the same step ("perform memory consolidation before updating its
 parameters"); a consolidating level's update is its `update` transition.
 
-Beyond the paper (`schedule.shift_ratio`): before a batch is learned, the fast level's loss on
-it may show that its inputs shifted (`input_shift`); the clock then plans a 1 -> 2 at once.
+Beyond the paper (`schedule.shift_ratio`): the clock keeps the fast level's recent wake losses and
+sends them with each wake step; a step whose batch shows a shift against them (`algo.shift`)
+stops before learning it, and the clock plans a 1 -> 2 at once (`shifted`), before the batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sleep_ray.config import ScheduleConfig
@@ -31,18 +31,6 @@ class StepPlan:
     updates: tuple[int, ...]
 
 
-def input_shift(losses: Sequence[float], loss: float, ratio: float, margin: float,
-                history: int) -> bool:
-    """Whether `loss`, the fast level's mean token loss on the coming batch before it learns it,
-    says its inputs shifted: over `ratio` times the mean of the last `history` of `losses` (the
-    batches since its last consolidation) and over that mean plus `margin`. Never with fewer
-    than `history` losses, a non-finite loss, or `ratio` 0 (off)."""
-    if ratio <= 0 or len(losses) < history or not math.isfinite(loss):
-        return False
-    mean = sum(losses[-history:]) / history
-    return loss > ratio * mean and loss > mean + margin
-
-
 class CMSClock:
     """Counts wake steps and says which level updates and consolidations are due."""
 
@@ -50,11 +38,11 @@ class CMSClock:
         self.schedule = schedule
         self.step = 0
         self.last = [0] * schedule.num_levels  # the step of each level's last consolidation
-        self.losses: list[float] = []  # the fast level's recent batch losses (`observe`)
+        self.losses: list[float] = []  # the fast level's recent wake losses (`observe`)
 
     @property
     def watches_shift(self) -> bool:
-        """Whether the fast level scores each batch before learning it (`observe`)."""
+        """Whether each wake step checks its batch for a shift (`schedule.shift_ratio` > 0)."""
         return self.schedule.shift_ratio > 0
 
     def updates_due(self, step: int) -> tuple[int, ...]:
@@ -79,16 +67,21 @@ class CMSClock:
         self.record(plan)
         return plan
 
-    def observe(self, loss: float) -> StepPlan | None:
-        """The fast level's loss on the coming batch, before it learns it: a plan to consolidate
-        level 1 into 2 now (at the current step, before the batch) when its inputs shifted,
-        else None. Either way the loss opens or joins the fast level's history."""
-        s = self.schedule
-        shifted = input_shift(self.losses, loss, s.shift_ratio, s.shift_margin, s.shift_history)
-        plan = StepPlan(self.step, ((1, 2),), ()) if shifted else None
-        if plan is not None:
-            self.record(plan)
-        self.losses = (self.losses + [float(loss)])[-s.shift_history:]
+    def shift_losses(self) -> list[float] | None:
+        """What a wake step checks its batch's loss against: the fast level's recent losses since
+        its last consolidation; None when the shift check is off."""
+        return list(self.losses) if self.watches_shift else None
+
+    def observe(self, loss: float) -> None:
+        """A wake step's loss (before it learned its batch) joins the fast level's history."""
+        if self.watches_shift and math.isfinite(loss):  # a skipped step's NaN says nothing
+            self.losses = (self.losses + [float(loss)])[-self.schedule.shift_history:]
+
+    def shifted(self) -> StepPlan:
+        """The coming batch showed a shift: consolidate level 1 into 2 now, at the current step,
+        before the batch is learned; level 1's window and history start again."""
+        plan = StepPlan(self.step, ((1, 2),), ())
+        self.record(plan)
         return plan
 
     def record(self, plan: StepPlan) -> None:

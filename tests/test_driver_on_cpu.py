@@ -107,10 +107,11 @@ def test_a_two_process_deepspeed_group_sleeps_as_one_learner(ray_session, cfg, l
 
 @pytest.mark.slow
 def test_sleeps_on_a_shift_as_the_one_process_run_does(ray_session, cfg, one_process_run, tmp_path):
-    """`schedule.shift_ratio` on the Ray driver: the rollout-free loss check runs on the learner
-    and the clock decides in the driver. A hair trigger (any batch scoring above the one before it)
-    makes shift sleeps certain on this tiny stream (level 2 merges when full); the Ray run sleeps at the same steps and ends
-    with the one-process run's memory bit for bit."""
+    """`schedule.shift_ratio` on the Ray driver: the learner stops a wake step whose batch shows
+    a shift against the clock's history, the driver sleeps and sends the batch again. A hair
+    trigger (any batch scoring above the one before it) makes shift sleeps certain on this tiny
+    stream (level 2 merges when full); the Ray run sleeps at the same steps and ends with the
+    one-process run's memory bit for bit."""
     from dataclasses import replace
 
     from sleep_ray.driver import run_on_ray
@@ -127,6 +128,8 @@ def test_sleeps_on_a_shift_as_the_one_process_run_does(ray_session, cfg, one_pro
     assert slept and slept == [r["step"] for r in ray_rows if r.get("shift/slept")]
     assert [r["shift/loss"] for r in local if "shift/loss" in r] == \
         [r["shift/loss"] for r in ray_rows if "shift/loss" in r]
+    assert [r["wake/loss"] for r in local if "wake/loss" in r] == \
+        [r["wake/loss"] for r in ray_rows if "wake/loss" in r]
     assert_same_memory(read_memory_state(tmp_path / "ray" / "memory.safetensors"),
                        read_memory_state(tmp_path / "local" / "memory.safetensors"))
     assert summary["R"] == expected["R"] and summary["cycles"] == expected["cycles"] > 2

@@ -30,7 +30,7 @@ def test_state_round_trip():
 
 
 def test_input_shift_against_hand_worked_values():
-    from sleep_ray.schedule import input_shift
+    from sleep_ray.algo.shift import input_shift
 
     # The last 4 losses average 0.5: a shift needs > 2 * 0.5 = 1.0 and > 0.5 + 1 = 1.5.
     losses = [9.0, 0.4, 0.6, 0.5, 0.5]
@@ -47,35 +47,41 @@ def test_input_shift_against_hand_worked_values():
 
 
 def test_a_shift_sleeps_before_the_batch_and_restarts_the_fast_window():
+    from sleep_ray.algo.shift import input_shift
+
     cfg = load_config(None, ["schedule.chunk_sizes=[1, 0, 0]", "schedule.windows=[4, 8, 0]",
                              "schedule.shift_ratio=2.0", "schedule.shift_history=2"])
-    clock = CMSClock(cfg.schedule)
+    s, clock = cfg.schedule, CMSClock(cfg.schedule)
     assert clock.watches_shift
     due = {}
     for loss in [3.0, 0.4, 0.2, 0.2, 0.3, 0.2, 5.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.3]:
-        shift = clock.observe(loss)
-        if shift is not None:
-            due[clock.step] = ("shift", shift.consolidations)
+        # what a wake step does with the clock's history (Learner.wake_step)
+        if input_shift(clock.shift_losses(), loss, s.shift_ratio, s.shift_margin, s.shift_history):
+            due[clock.step] = ("shift", clock.shifted().consolidations)
+        clock.observe(loss)
         plan = clock.tick()
         if plan.consolidations:
             due[plan.step] = ("clock", plan.consolidations)
-    # Window at 4; the batch of loss 5.0 (step 7) comes after 2 steps of mean 0.25: a 1 -> 2
-    # after step 6, before it. Level 1's window counts from there (next at 10), level 2's does not.
+    # Window at 4 (its history starts again: only 0.3, 0.2 before the 5.0); the batch of loss
+    # 5.0 (step 7) comes after 2 steps of mean 0.25: a 1 -> 2 after step 6, before it. Level 1's
+    # window counts from there (next at 10), level 2's does not.
     assert due == {4: ("clock", ((1, 2),)), 6: ("shift", ((1, 2),)), 8: ("clock", ((2, 3),)),
                    10: ("clock", ((1, 2),))}
     assert clock.last == [10, 8, 0]
+    assert clock.shift_losses() == [0.3, 0.3]  # steps 12, 13: the last shift_history since 10
 
 
-def test_the_shift_history_survives_a_checkpoint():
+def test_the_shift_history_survives_a_checkpoint_and_ignores_skipped_steps():
     cfg = load_config(None, ["schedule.shift_ratio=2.0", "schedule.shift_history=3"])
     a = CMSClock(cfg.schedule)
-    for loss in [0.2, 0.3, 0.2]:
-        assert a.observe(loss) is None
+    for loss in [0.2, float("nan"), 0.3, 0.2, 0.1]:
+        a.observe(loss)
         a.tick()
+    assert a.shift_losses() == [0.3, 0.2, 0.1]
     b = CMSClock(cfg.schedule)
     b.load_state_dict(a.state_dict())
-    assert b.observe(4.0) == a.observe(4.0) is not None
-    assert b.state_dict() == a.state_dict()
+    assert b.state_dict() == a.state_dict() and b.shifted() == a.shifted()
+    assert CMSClock(load_config().schedule).shift_losses() is None  # off by default
 
 
 def test_a_shift_without_a_level_to_consolidate_into_is_refused():

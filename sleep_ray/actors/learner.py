@@ -114,12 +114,13 @@ class LearnerWorker:
     # ------------------------------------------------------------------ wake
 
     @compute_timed
-    def wake_step(self, examples: Sequence[Example], heldout: Sequence[Example] = ()
-                  ) -> dict[str, float]:
+    def wake_step(self, examples: Sequence[Example], heldout: Sequence[Example] = (),
+                  shift_losses: Sequence[float] | None = None) -> dict[str, float]:
         """Accumulate one batch into the wake levels (Eq. 2). Every worker gets the whole batch
-        (its recent-examples buffer must match); with DeepSpeed each forwards only its slice."""
+        (its recent-examples buffer must match); with DeepSpeed each forwards only its slice.
+        `shift_losses`: as `Learner.wake_step` (the group decides on its mean loss, all alike)."""
         if self.engine is None:
-            return self.learner.wake_step(examples, heldout)
+            return self.learner.wake_step(examples, heldout, shift_losses)
         L = self.learner
         L.model.train()
         M.freeze_memory(L.model)
@@ -132,18 +133,15 @@ class LearnerWorker:
         with M.track_usage(L.model), M.wake_inputs(L.model):  # as Learner.wake_step
             loss = self._slice_loss(*(t.to(L.model.device) for t in
                                       (batch.input_ids, batch.attention_mask, batch.labels)))
+        # The group's mean loss and the all-reduced gradients are the same on every worker, so
+        # all of them skip a non-finite step together (a NaN in one slice reaches every worker),
+        # and all of them stop on a shift together.
+        mean = torch.tensor(self._group_mean(loss.detach()), dtype=torch.float64)
+        if shift_losses is not None and L.shifted(shift_losses, mean.item()):
+            return L.stop_on_shift(usage, mean.item())
         self._sum_usage(pools, usage)
         self.engine.backward(loss)  # gradients averaged over the group (an all-reduce)
-        # The group's mean loss and the all-reduced gradients are the same on every worker, so
-        # all of them skip a non-finite step together (a NaN in one slice reaches every worker).
-        mean = torch.tensor(self._group_mean(loss.detach()), dtype=torch.float64)
         return L.finish_wake_step(examples, mean, heldout)
-
-    @compute_timed
-    def batch_loss(self, examples: Sequence[Example]) -> float:
-        """`Learner.batch_loss`: the whole batch on this worker (every worker holds the same
-        memory), for the driver's shift check before a wake step."""
-        return self.learner.batch_loss(examples)
 
     def _slice_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor) -> torch.Tensor:

@@ -808,6 +808,17 @@ def wake_inputs(model: nn.Module) -> Iterator[None]:
             memory.wake = False
 
 
+def usage_snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Every pool's routed-mass counts, copied (`restore_usage` puts them back)."""
+    return [pool.usage.clone() for m in memories(model) for pool in m.levels]
+
+
+@torch.no_grad()
+def restore_usage(model: nn.Module, snapshot: list[torch.Tensor]) -> None:
+    for pool, usage in zip([pool for m in memories(model) for pool in m.levels], snapshot):
+        pool.usage.copy_(usage)
+
+
 @contextlib.contextmanager
 def track_usage(model: nn.Module) -> Iterator[None]:
     """Count routed gate mass per expert (for the merge policy) inside this block."""

@@ -5,6 +5,8 @@ taught (`LearnStore`), sleeping on the CMS schedule and when idle, publishing ea
                                             at this step), driver.wake, clock.tick, after_step
                                             (the CMS schedule's updates and sleeps)
             idle, steps pending   sleep     consolidate level 1 into 2 now (serve.learn.idle_seconds)
+            a shift (optional)    sleep     schedule.shift_ratio: the batch's loss jumped; 1 -> 2
+                                            before waking on it
             after a sleep         publish   the store marks the items consolidated in the new
                                             version; driver.checkpoint; the replicas' poll loads it
 
@@ -127,8 +129,14 @@ class LearningLoop:
         d = self.driver
         items = self.store.claim(self.cfg.data.batch_size, d.clock.step + 1)
         batch = [_example(i) for i in items]
-        self.recent.extend(_scorable(batch))
         stats = d.wake(batch, [])
+        if stats.get("wake/shifted"):  # schedule.shift_ratio: sleep on what came before the batch
+            self.phase = "sleep"
+            self.slept(d.sleep_on_shift(stats, self.tau_task()).step, "shift")
+            self.phase = "wake"
+            stats = d.wake(batch, [])
+        self.recent.extend(_scorable(batch))
+        d.clock.observe(stats["wake/loss"])
         plan = d.clock.tick()
         if plan.consolidations:
             self.phase = "sleep"
@@ -147,7 +155,9 @@ class LearningLoop:
         step = self.driver.clock.step
         log.info("idle for %.0f s with %d wake steps since the last sleep: sleeping at step %d",
                  time.time() - self.last_activity, step - self.slept_at, step)
-        self.driver.sleep(StepPlan(step, ((1, 2),), ()), self.tau_task())
+        plan = StepPlan(step, ((1, 2),), ())
+        self.driver.clock.record(plan)  # level 1's window (and its loss history) starts again
+        self.driver.sleep(plan, self.tau_task())
         self.slept(step, "idle")
         self.phase = "waiting"
 

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sleep_ray.algo.cms import LevelOptimizer, make_optimizer
+from sleep_ray.algo.shift import input_shift
 from sleep_ray.algo.selection import (dream_phase_stats, phase_seeds, random_selection,
                                       rest_em_filter, select_dreams)
 from sleep_ray.config import SleepConfig
@@ -95,34 +96,41 @@ class Learner:
         for level, opt in self.levels.items():
             opt.set_params(M.expert_parameters(self.model, level))
 
-    def wake_step(self, examples: Sequence[Example], heldout: Sequence[Example] = ()
-                  ) -> dict[str, float]:
+    def wake_step(self, examples: Sequence[Example], heldout: Sequence[Example] = (),
+                  shift_losses: Sequence[float] | None = None) -> dict[str, float]:
         """Accumulate one batch's update term into every wake level (Eq. 2: not applied yet).
         `heldout`: examples of the same stretch of the stream kept, never trained on, to judge
-        the next consolidation by (METHOD.md section 5's "held-out slice kept from wake")."""
+        the next consolidation by (METHOD.md section 5's "held-out slice kept from wake").
+        `shift_losses` (the clock's, `schedule.shift_ratio`): the fast level's recent losses; when
+        this batch's loss, before learning it, is a shift against them (`shifted`), the step
+        stops after its forward pass, leaving no trace, and says so (`wake/shifted`): the caller
+        sleeps, then sends the batch again."""
         self.model.train()
         M.freeze_memory(self.model)
         for level in self.levels:
             M.set_trainable(self.model, level)
         batch = collate_examples(self.tok, examples, self.cfg.data.max_length).to(self.model.device)
+        usage = M.usage_snapshot(self.model) if shift_losses is not None else None
         with M.track_usage(self.model), M.wake_inputs(self.model):  # usage: "merge the least used"
             loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               labels=batch.labels).loss
+        if usage is not None and self.shifted(shift_losses, loss.item()):
+            return self.stop_on_shift(usage, loss.item())
         loss.backward()
         return self.finish_wake_step(examples, loss, heldout)
 
-    @torch.no_grad()
-    def batch_loss(self, examples: Sequence[Example]) -> float:
-        """The mean token loss of a batch as the wake step would see it before learning it (the
-        same forward, every level routing on its own); nothing changes, no usage is counted.
-        The clock reads it for a shift of the fast level's inputs (`CMSClock.observe`)."""
-        self.model.train()
-        batch = collate_examples(self.tok, examples, self.cfg.data.max_length).to(self.model.device)
-        with M.wake_inputs(self.model):
-            loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              labels=batch.labels).loss
+    def shifted(self, losses: Sequence[float], loss: float) -> bool:
+        """Whether `loss` shows a shift of the fast level's inputs against `losses`
+        (`algo.shift.input_shift` with the config's ratio, margin and history)."""
+        s = self.cfg.schedule
+        return input_shift(losses, loss, s.shift_ratio, s.shift_margin, s.shift_history)
+
+    def stop_on_shift(self, usage: list[torch.Tensor], loss: float) -> dict[str, float]:
+        """A wake step that saw a shift: its forward pass undone (usage back, no gradient kept)."""
+        M.restore_usage(self.model, usage)
+        M.freeze_memory(self.model)
         self.model.eval()
-        return loss.item()
+        return {"wake/loss": loss, "wake/shifted": 1.0, "nonfinite_steps": float(self.nonfinite_steps)}
 
     def wake_parameters(self) -> list[torch.nn.Parameter]:
         return [p for opt in self.levels.values() for p in opt.params.values()]

@@ -1,7 +1,8 @@
 """The Sleep life cycle over a task stream, in one process: the reference run.
 
-    for each task, for each batch:      [shift check]        (schedule.shift_ratio: a 1 -> 2 first)
-                                        wake_step            (fast level accumulates, Eq. 2)
+    for each task, for each batch:      wake_step            (fast level accumulates, Eq. 2; with
+                                                              schedule.shift_ratio, a batch that
+                                                              shows a shift: 1 -> 2 first)
         plan = clock.tick()             updates due          (levels whose chunk ended)
         for (l-1, l) in plan:           consolidate          (teacher, transition, expand, seed, prune)
         after a sleep:                  dream                (generate, select, LoRA copies, ReST-EM)
@@ -123,12 +124,14 @@ class LocalSleepRun:
         bs = self.cfg.data.batch_size
         for epoch in range(self.cfg.run.epochs_per_task):
             for i, batch in enumerate(task_batches(task, bs, self.cfg.run.seed, epoch)):
-                if self.clock.watches_shift:
-                    self.sleep_on_shift(batch, task)
+                heldout = task_heldout(task, bs, epoch, i)
                 t0 = time.perf_counter()
-                with self.record.timed("wake"):
-                    stats = self.learner.wake_step(batch, task_heldout(task, bs, epoch, i))
+                stats = self.wake(batch, heldout)
+                if stats.get("wake/shifted"):
+                    self.sleep_on_shift(stats, task)
+                    stats = self.wake(batch, heldout)
                 stats["wake/seconds"] = time.perf_counter() - t0
+                self.clock.observe(stats["wake/loss"])
                 plan = self.clock.tick()
                 self.after_step(plan, task)
                 self.log({"step": plan.step, **stats})
@@ -147,16 +150,17 @@ class LocalSleepRun:
         if plan.consolidations:
             self.sleep(plan, task)
 
-    def sleep_on_shift(self, batch: list[Example], task: Task) -> None:
-        """The fast level scores the coming batch; a shift of its inputs sleeps first."""
-        with self.record.timed("shift"):
-            loss = self.learner.batch_loss(batch)
-        plan = self.clock.observe(loss)
-        self.log({"step": self.clock.step, "shift/loss": loss, "shift/slept": float(plan is not None)})
-        if plan is not None:
-            log.info("the fast level's inputs shifted before step %d (loss %.2f): sleeping",
-                     plan.step + 1, loss)
-            self.sleep(plan, task)
+    def wake(self, batch: list[Example], heldout: list[Example]) -> dict[str, float]:
+        with self.record.timed("wake"):
+            return self.learner.wake_step(batch, heldout, self.clock.shift_losses())
+
+    def sleep_on_shift(self, stats: dict[str, float], task: Task) -> None:
+        """The coming batch showed a shift of the fast level's inputs: sleep before learning it."""
+        plan = self.clock.shifted()
+        self.log({"step": plan.step, "shift/loss": stats["wake/loss"], "shift/slept": 1.0})
+        log.info("the fast level's inputs shifted before step %d (loss %.2f): sleeping",
+                 plan.step + 1, stats["wake/loss"])
+        self.sleep(plan, task)
 
     def sleep(self, plan: StepPlan, task: Task) -> None:
         """Consolidate every due level, fastest first, then dream once."""

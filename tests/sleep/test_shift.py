@@ -1,8 +1,8 @@
 """A sleep on a shift of the fast level's inputs (`schedule.shift_ratio`), in one process.
 
-The clock's rule is tested in tests/test_schedule.py; here: the learner's score of a coming batch
-is the wake step's own loss and changes nothing, and a run that sees a shift sleeps before the
-batch that showed it, so the new level-2 expert holds the stretch of the stream before it only.
+The rule and the clock are tested in tests/test_schedule.py; here: a wake step whose batch shows a
+shift stops after its forward pass and leaves no trace, and a run that sees a shift sleeps before
+the batch that showed it, so the new level-2 expert holds the stretch of the stream before it only.
 """
 
 import pytest
@@ -10,7 +10,6 @@ import torch
 
 from sleep_ray.config import load_config
 from sleep_ray.data.languages import synthetic_language_stream
-from sleep_ray.model import memory as M
 from sleep_ray.model.build import build_model
 from sleep_ray.sleep.learner import Learner
 from sleep_ray.sleep.loop import LocalSleepRun
@@ -33,36 +32,50 @@ def make_learner(*overrides):
     return cfg, Learner(cfg, model, tok)
 
 
-def test_batch_loss_is_the_wake_steps_loss_and_changes_nothing(stream):
-    _, learner = make_learner("schedule.windows=[8, 0, 0]")
-    batch = list(stream.tasks[0].train[:4])
+def test_a_wake_step_that_sees_a_shift_leaves_no_trace(stream):
+    _, learner = make_learner("schedule.windows=[8, 0, 0]", "schedule.shift_ratio=2.0",
+                              "schedule.shift_history=1")
+    batch, heldout = list(stream.tasks[0].train[:4]), list(stream.tasks[0].val[:2])
     learner.wake_step(list(stream.tasks[0].train[4:8]))
     learner.apply_updates([1])
-    params = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
-    usage = [pool.usage.clone() for m in M.memories(learner.model) for pool in m.levels]
-    window = learner.window.count
-    loss = learner.batch_loss(batch)
-    assert all(torch.equal(params[n], p) for n, p in learner.model.named_parameters())
-    assert all(torch.equal(u, pool.usage)
-               for u, pool in zip(usage, [p for m in M.memories(learner.model) for p in m.levels]))
-    assert learner.window.count == window
-    assert learner.wake_step(batch)["wake/loss"] == pytest.approx(loss, rel=1e-5)
+    state = {k: v.clone() for k, v in learner.model.state_dict().items()}  # usage buffers too
+    counts = (learner.wake_steps, learner.window.count, learner.window_heldout.count, len(learner.recent))
+    stats = learner.wake_step(batch, heldout, shift_losses=[1e-6])  # any real loss is a shift
+    assert stats["wake/shifted"] == 1.0
+    assert all(torch.equal(state[k], v) for k, v in learner.model.state_dict().items())
+    assert all(p.grad is None for p in learner.model.parameters())
+    assert (learner.wake_steps, learner.window.count, learner.window_heldout.count,
+            len(learner.recent)) == counts
+    # The same batch again, against a history it does not jump above: learned as usual, and its
+    # loss is the one the stopped step saw.
+    again = learner.wake_step(batch, heldout, shift_losses=[1e6])
+    assert "wake/shifted" not in again and again["wake/loss"] == pytest.approx(stats["wake/loss"])
+    assert learner.wake_steps == counts[0] + 1 and len(learner.recent) == counts[3] + 4
 
 
 def test_a_run_sleeps_before_the_batch_that_shows_a_shift(stream, monkeypatch):
-    """Task 2's batches score far above task 1's (scripted, so the test does not hang on what a
-    tiny untrained model's losses do): one sleep right after task 1's 4 steps, the new expert's
-    contexts all task 1's; the window of 6 steps counts from it (no sleep at step 6)."""
+    """The first batch of task 2 is a shift (the rule scripted by task, so the test does not hang
+    on what a tiny untrained model's losses do): one sleep right after task 1's 4 steps, the new
+    expert's contexts all task 1's; the window of 6 steps counts from it (no sleep at step 6)."""
     cfg, learner = make_learner("schedule.windows=[6, 0, 0]", "schedule.shift_ratio=2.0",
                                 "schedule.shift_history=2")
-    first = stream.tasks[0].name
-    monkeypatch.setattr(learner, "batch_loss",
-                        lambda batch: 0.1 if batch[0].task == first else 5.0)
-    run = LocalSleepRun(cfg, learner, stream)
-    record = run.run()
+    first, second = stream.tasks[0].name, stream.tasks[1].name
+    seen = []
+    wake_step = learner.wake_step
+
+    def spy(examples, heldout=(), shift_losses=None):
+        seen.append(examples[0].task)
+        return wake_step(examples, heldout, shift_losses)
+
+    monkeypatch.setattr(learner, "wake_step", spy)
+    monkeypatch.setattr(learner, "shifted",
+                        lambda losses, loss: len(losses) >= 2 and seen[-2:] == [first, second])
+    record = LocalSleepRun(cfg, learner, stream).run()
     slept = [(m["step"], m["consolidate/source"]) for m in record.metrics if "consolidate/source" in m]
     assert slept == [(4, 1)]  # the shift; the window's next would be step 4 + 6 = 10 > 8
     assert [m["step"] for m in record.metrics if m.get("shift/slept")] == [4]
+    assert seen.count(second) == 5  # task 2's first batch twice: stopped, then learned
+    assert learner.wake_steps == 8
     (contexts,) = [held["contexts"] for (level, _), held in learner.expert_data.items() if level == 2]
     assert contexts and {c.task for c in contexts} == {first}
     assert record.cycles == 1 and len(record.R) == 2
