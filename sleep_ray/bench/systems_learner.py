@@ -429,9 +429,13 @@ REAL_CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "
 
 def _consolidation_config(quick: bool) -> SleepConfig:
     """One task of generated facts (the generator's default sizes: 108 train, 36 val records per
-    task); full: the real backbone (benchmarks/configs/real.yaml), quick: the tiny default."""
+    task); full: the real backbone (benchmarks/configs/real.yaml, with the 100-step window of
+    level 1 the row was first measured with: real.yaml's 200 steps outlast the task, whose end
+    its shift check finds), quick: the tiny default."""
     over = ["data.stream=facts", "data.num_tasks=1"]
-    return tiny_config(quick, over) if quick else load_config(REAL_CONFIG, over)
+    if quick:
+        return tiny_config(quick, over)
+    return load_config(REAL_CONFIG, over + ["schedule.windows=[100, 200, 0]"])
 
 
 def _window_then_consolidate(cfg: SleepConfig) -> dict:
