@@ -129,6 +129,7 @@ class LocalSleepRun:
                 stats = self.wake(batch, heldout)
                 if stats.get("wake/shifted"):
                     self.sleep_on_shift(stats, task)
+                    t0 = time.perf_counter()  # the step's own time, not its sleep's
                     stats = self.wake(batch, heldout)
                 stats["wake/seconds"] = time.perf_counter() - t0
                 self.clock.observe(stats["wake/loss"])
