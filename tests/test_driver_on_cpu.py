@@ -127,7 +127,6 @@ def test_sleeps_on_a_shift_as_the_one_process_run_does(ray_session, cfg, one_pro
     trigger (any batch scoring above the one before it) makes shift sleeps certain on this tiny
     stream (level 2 merges when full); the Ray run sleeps at the same steps and ends with the
     one-process run's memory bit for bit."""
-
     from sleep_ray.driver import run_on_ray
 
     shift = hair_trigger(cfg)
