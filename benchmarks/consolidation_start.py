@@ -12,7 +12,8 @@ its consolidation of level --source (1 -> 2 by default; 2 -> 3 with --source 2),
 --checkpoint when it exists; then, for each --variant (comma
 list of SECTION.FIELD=VALUE on top of --set), restores that learner and runs the consolidation:
 kept on the window's held-out slice, the first divergence of student from teacher, the test
-score of every task, and where each task's test questions route (`Learner.route_census`).
+score of every task, and where each task's test questions route before and after it
+(`Learner.route_census`).
 Variants run with `seeding.steps=0` unless they set it: the start alone is compared.
 """
 
@@ -102,6 +103,7 @@ def run_variant(args, variant: list[str]) -> dict:
                              cfg.data.max_new_tokens)[0] for t in stream.tasks]
 
     before = scores()
+    routes_before = [learner.route_census(t.test) for t in stream.tasks]
     seed = cfg.run.seed * 1_000 + args.step
     source = args.source
     stats = learner.consolidate(source, source + 1, learner.teacher_samples(seed, source), seed + 1)
@@ -111,7 +113,7 @@ def run_variant(args, variant: list[str]) -> dict:
             "route share": stats["consolidate/route_share"],
             "seconds": stats["consolidate/seconds"],
             "seeding seconds": stats.get("consolidate/seconds_seeding", float("nan")),
-            "test before": before, "test after": scores(),
+            "test before": before, "test after": scores(), "routes before": routes_before,
             "routes": [learner.route_census(t.test) for t in stream.tasks]}
 
 
@@ -124,16 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         save_before_consolidation(args)
     variants = [[v.strip() for v in group.split(",") if v.strip()] for group in args.variant] or [[]]
     print("| variant | kept | first divergence | seeding steps | route share | seconds (of which seeding) "
-          "| test before | test after | routes of each task's test questions |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| test before | test after | routes of each task's test questions, before | after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for variant in variants:
         r = run_variant(args, variant)
         fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)
-        routes = "; ".join(" ".join(f"{c} {s:.2f}" for c, s in census.items()) for census in r["routes"])
+        census = lambda key: "; ".join(" ".join(f"{name} {share:.2f}" for name, share in routes.items())
+                                       for routes in r[key])
         print(f"| {r['variant']} | {r['kept']:.3f} | {r['first divergence']:.3f} | "
               f"{r['seeding steps']:.0f} | {r['route share']:.2f} | {r['seconds']:.0f} ({r['seeding seconds']:.0f}) "
               f"| {fmt(r['test before'])} | "
-              f"{fmt(r['test after'])} | {routes} |", flush=True)
+              f"{fmt(r['test after'])} | {census('routes before')} | {census('routes')} |", flush=True)
     return 0
 
 

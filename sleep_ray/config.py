@@ -229,6 +229,14 @@ class MemoryConfig:
     # level routed top-1 is pruned (2 -> 3), "mean" halves each of two experts on its own
     # inputs and "routed" keeps it whole there, the other added on top.
     fit_prior: Literal["mean", "routed"] = "mean"
+    # Which of the window's tokens the start is fitted on (with the level gate): "all", or
+    # "source": only those where the source level took part. Where another class won, the source
+    # level added nothing and the new expert, whose class is the source's window, will not take
+    # part either; fitting it to add nothing there pulls it off the map it must keep there.
+    # SmolLM2-135M, a 1 -> 2 at a shift with an older level-3 expert present (facts stream,
+    # one checkpoint, no seeding step): an exact copy of the fast expert kept the task's test
+    # questions at 0.389 where "all" gave 0.306 (docs/results.md).
+    fit_tokens: Literal["all", "source"] = "all"
 
     @property
     def num_levels(self) -> int:
@@ -292,6 +300,9 @@ class MemoryConfig:
             _fail(f"{at}.router_prototypes", self.router_prototypes, "must be positive")
         if self.fit_ridge < 0:
             _fail(f"{at}.fit_ridge", self.fit_ridge, "must be >= 0")
+        if self.fit_tokens == "source" and not self.level_gate:
+            _fail(f"{at}.fit_tokens", self.fit_tokens, "needs level_gate: true (without it "
+                  "every level takes part everywhere)")
         if self.fit_contexts <= 0:
             _fail(f"{at}.fit_contexts", self.fit_contexts, "must be positive")
         if not 0.0 <= self.inject_share <= 1.0:

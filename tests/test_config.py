@@ -37,8 +37,10 @@ def test_benchmark_windows_do_not_mark_task_boundaries(path):
         assert w == 0 or (per_task % w and w % per_task), (level, w, per_task)
 
 
-# real.yaml's shift check (schedule.shift_*): the configs measured before it stay without it.
-SHIFT = {"shift_ratio", "shift_margin", "shift_history"}
+# real.yaml's shift check (schedule.shift_*), and where a consolidation's start is fitted and on
+# how many contexts each class of the gate is fitted (memory.fit_tokens, memory.router_contexts):
+# the configs measured before them stay without them.
+SHIFT = {"shift_ratio", "shift_margin", "shift_history", "fit_tokens", "router_contexts"}
 
 
 def test_the_demo_runs_the_measured_method():
@@ -127,6 +129,8 @@ def test_dotted_overrides_parse_yaml_values():
     (["dreaming.top_k=8", "dreaming.num_random=4"], "dreaming.top_k", "8"),
     (["model.num_kv_heads=3"], "model.num_kv_heads", "3"),
     (["run.probes=-1"], "run.probes", "-1"),
+    (["memory.fit_tokens=source"], "memory.fit_tokens", "needs level_gate"),
+    (["memory.fit_tokens=most"], "memory.fit_tokens", "most"),
 ])
 def test_bad_values_name_the_field_and_value(overrides, field, value):
     with pytest.raises(ConfigError) as err:

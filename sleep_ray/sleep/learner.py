@@ -430,7 +430,10 @@ class Learner:
         changing = list(changing) if fit else []
         if cfg.expert_init == "zero" or not (experts or changing):
             return None
-        stats = self.teacher_map(self.context_pairs(contexts, cfg.fit_contexts), experts, fit, changing)
+        # `memory.fit_tokens: source`: only where the source level took part (its class won)
+        within = taken[0][0] if cfg.fit_tokens == "source" and taken else None
+        stats = self.teacher_map(self.context_pairs(contexts, cfg.fit_contexts), experts, fit,
+                                 changing, within=within)
         factors = [[memory.levels[level - 1].factors(e) for level, e in experts + changing]
                    for memory in M.memories(self.model)]
         return FitStatistics(experts, changing, stats, factors)
@@ -474,12 +477,14 @@ class Learner:
 
     @torch.no_grad()
     def teacher_map(self, pairs, experts: list[tuple[int, int]], fit: bool,
-                    changing: list[tuple[int, int]] = (), chunk: int = 32) -> list[tuple]:
+                    changing: list[tuple[int, int]] = (), chunk: int = 32,
+                    within: int | None = None) -> list[tuple]:
         """Per memory layer, over the real tokens of `pairs` as the model runs now: each of
         `experts`' mean gate (n,) (over all tokens, or with `memory.fit_prior: routed` over the
         tokens where it takes part), with `fit` the statistics X^T X and X^T Y of the layer's
         memory inputs X and what those experts added Y (each at its gate), and for each of
-        `changing` X^T G X with G its gates (what any change of its map adds to X^T Y)."""
+        `changing` X^T G X with G its gates (what any change of its map adds to X^T Y).
+        `within`: a level; only the tokens where it takes part count (all of the above)."""
         mems = M.memories(self.model)
         dim = self.model.config.hidden_size
         gate_sum = [torch.zeros(len(experts)) for _ in mems]
@@ -487,19 +492,20 @@ class Learner:
         grams = [torch.zeros(dim, dim, dtype=torch.float64) for _ in mems] if fit else [None] * len(mems)
         crosses = [torch.zeros(dim, dim, dtype=torch.float64) for _ in mems] if fit else [None] * len(mems)
         gated = [[torch.zeros(dim, dim, dtype=torch.float64) for _ in changing] for _ in mems]
-        tokens = 0
-        levels = sorted({level for level, _ in list(experts) + list(changing)})
+        tokens = [0] * len(mems)
+        levels = sorted({level for level, _ in list(experts) + list(changing)} | {within} - {None})
         for start in range(0, len(pairs), chunk):
             with M.capture_memory_inputs(self.model) as captured:
                 _, _, batch = completion_logits(self.model, list(pairs[start:start + chunk]),
                                                 self.tok.pad_token_id)
-            mask = batch.attention_mask.bool()
-            tokens += int(mask.sum())
+            real = batch.attention_mask.bool()
             gates, choices = {}, {}
             for level in levels:
                 gates[level] = self.layer_gates(captured, level)
                 choices[level] = self.layer_block_choices(level)
             for i, memory in enumerate(mems):
+                mask = real if within is None else real & (gates[within][i].sum(-1) > 0)
+                tokens[i] += int(mask.sum())
                 x = captured[memory.layer][0][mask].float()  # (N, d)
                 y = torch.zeros_like(x) if fit else None
                 for j, (level, e) in enumerate(experts):
@@ -519,8 +525,8 @@ class Learner:
                     g = gates[level][i][mask][:, e].float()
                     gated[i][j] += (x.T @ (g[:, None] * x)).double().cpu()
         per_token = self.cfg.memory.fit_prior == "mean"
-        return [(s / (max(tokens, 1) if per_token else n.clamp_min(1.0)), gm, cr, gt)
-                for s, n, gm, cr, gt in zip(gate_sum, routed, grams, crosses, gated)]
+        return [(s / (max(t, 1) if per_token else n.clamp_min(1.0)), gm, cr, gt)
+                for s, t, n, gm, cr, gt in zip(gate_sum, tokens, routed, grams, crosses, gated)]
 
     def block_init(self, taken: list[tuple[int, int]], target: int, contexts: dict[str, list[Example]]
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -598,3 +598,38 @@ def test_a_second_expert_of_blocks_keeps_what_the_older_one_added_on_its_inputs(
     assert len(M.active_experts(learner.model, 3)) == 2
     gaps = [float((a - b).abs().max()) for a, b in zip(after, before)]
     assert max(gaps) < 0.4, gaps
+
+
+def test_a_start_fitted_where_the_source_took_part_is_the_sum_of_what_took_part_there():
+    # Under the level gate the fast level stays out of the tokens an older class wins (here the
+    # level-2 expert's). With `fit_tokens: all` the fit wants the new expert to add only the
+    # older expert's part there, though it will not take part there either; with `source` only
+    # the tokens where the fast level took part count, and there the teacher added the fast
+    # expert and the level's only expert, whole: the new expert starts as exactly their sum
+    # (rank 16 holds two rank-8 maps), which is what it answers alone at level 2 (top-1).
+    learner = make_learner("memory.router=discriminant", "memory.shared_routing=true",
+                           "memory.level_gate=true", "memory.routing=sequence",
+                           "memory.ranks=[8, 16, 16]", "memory.expert_init=fit",
+                           "memory.fit_tokens=source", "seeding.steps=0")
+    first, second = word_pairs(learner.tok, 0, 10, "a"), word_pairs(learner.tok, 20, 10, "b")
+    learn(learner, first)
+    older = consolidate(learner, 1, 2)["consolidate/slot"]
+    learn(learner, second)
+    contexts = learner.consolidated_data(1)["contexts"]
+    learner.refit_routers()  # the teacher's classes, as the consolidation fits them
+    pairs = learner.context_pairs(contexts)
+    taken = [(1, 0), (2, older)]
+    everywhere = learner.teacher_map(pairs, taken, fit=False)
+    where = learner.teacher_map(pairs, taken, fit=False, within=1)
+    # The older class wins some of the window's tokens (the fast level is off there)...
+    assert all(float(all_[0][0]) < 1.0 for all_ in everywhere), [s[0] for s in everywhere]
+    # ...and where the fast level took part, both experts took part on every token.
+    for stats in where:
+        torch.testing.assert_close(stats[0], torch.ones(2))
+    teacher = [[pool.factors(e) for pool, e in ((m.levels[0], 0), (m.levels[1], older))]
+               for m in M.memories(learner.model)]
+    slot = consolidate(learner, 1, 2, seed=2)["consolidate/slot"]
+    for pool, factors in zip(M.pools(learner.model, 2), teacher):
+        a, b = pool.factors(slot)
+        torch.testing.assert_close(a.float() @ b.float(), sum(x.float() @ y.float() for x, y in factors),
+                                   atol=1e-5, rtol=1e-4)
