@@ -204,6 +204,7 @@ class ExpertPool(nn.Module):
         self.decision: tuple[torch.Tensor, torch.Tensor] | None = None
         self._seq_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.continues_prefix = False  # inside `continued_prefix`: every call continues it
+        self.whole_prompt = False  # inside `whole_prompt_routing`
         # Blocks: the one-hot block choice (B, T, E, blocks) of the last routed scores.
         self.block_choice: torch.Tensor | None = None
         for e in range(self.capacity):
@@ -335,11 +336,14 @@ class ExpertPool(nn.Module):
         # Generation (no grad): a one-token call continues the running mean of the prompt and of
         # the tokens generated so far; any longer call is a new prefill and starts afresh, except
         # inside `continued_prefix` (continuations on a prompt's KV cache).
-        if ((x.shape[1] == 1 or self.continues_prefix) and self._seq_state is not None
-                and len(self._seq_state[0]) == len(x)):
+        continues = ((x.shape[1] == 1 or self.continues_prefix) and self._seq_state is not None
+                     and len(self._seq_state[0]) == len(x))
+        if continues:
             prev_sum, prev_count = self._seq_state
             csum, count = csum + prev_sum, count + prev_count
         self._seq_state = (csum[:, -1:], count[:, -1:])
+        if self.whole_prompt and not continues:  # a prompt's every token routes as its last
+            return (csum[:, -1:] / count[:, -1:].clamp_min(1.0)).expand_as(x)
         return csum / count.clamp_min(1.0)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -792,6 +796,25 @@ def continued_prefix(model: nn.Module, rows: torch.Tensor, prefill_rows: int) ->
         hook.remove()
         for pool, state in saved.items():
             pool._seq_state, pool.continues_prefix = state, False
+
+
+@contextlib.contextmanager
+def whole_prompt_routing(model: nn.Module) -> Iterator[None]:
+    """Sequence routing without gradients, inside this block: every token of a call that starts
+    a sequence (a prompt's prefill) routes as the prompt's last token, on the mean of the whole
+    prompt, which is known before any token is generated; the tokens after it continue the
+    running mean as before. Causal prefix means route a prompt's first tokens on a few words
+    of its form alone, and under the level gate what they add there reaches every later
+    position through attention. (A diagnostic for now: the HF path only, not the vLLM plugin,
+    not a config mode.)"""
+    pools = [pool for m in memories(model) for pool in m.levels]
+    for pool in pools:
+        pool.whole_prompt = True
+    try:
+        yield
+    finally:
+        for pool in pools:
+            pool.whole_prompt = False
 
 
 @contextlib.contextmanager

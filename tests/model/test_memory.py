@@ -229,6 +229,36 @@ def test_sequence_routing_ignores_left_padding(tiny_cfg):
     assert batched[1, ids.shape[1]:].tolist() == alone[0, len(prompts[1]):].tolist()
 
 
+def test_whole_prompt_routing_routes_every_prompt_token_as_the_last_and_continues_after(tiny_cfg):
+    from dataclasses import replace
+
+    from sleep_ray.data.collate import left_pad
+
+    cfg = replace(tiny_cfg, memory=replace(tiny_cfg.memory, routing="sequence"))
+    model, tok = build_model(cfg)
+    pool = M.memories(model)[0].levels[0]
+    prompts = [tok("the cat sees a bird").input_ids, tok("a dog").input_ids]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    x = torch.randn(2, ids.shape[1], 64)
+    pool.route_mask = mask
+    with torch.no_grad():
+        causal = pool.route_input(x)  # prefix means, each row's real tokens only
+        step = torch.randn(2, 1, 64)
+        pool.route_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        causal_next = pool.route_input(step)  # a decode step continues the running mean
+        with M.whole_prompt_routing(model):
+            pool.route_mask = mask
+            whole = pool.route_input(x)
+            pool.route_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            whole_next = pool.route_input(step)
+    assert not pool.whole_prompt
+    # every position of the prompt routes on its last token's prefix mean: the whole prompt's
+    torch.testing.assert_close(whole, causal[:, -1:].expand_as(causal))
+    assert not torch.allclose(whole, causal)
+    # and the next token continues the same running mean either way
+    torch.testing.assert_close(whole_next, causal_next)
+
+
 def test_low_rank_sum_is_exact_with_enough_rank_and_the_svd_truncation_otherwise():
     g = torch.Generator().manual_seed(0)
     a1, b1 = torch.randn(32, 4, generator=g), torch.randn(4, 32, generator=g)
