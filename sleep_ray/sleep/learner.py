@@ -624,8 +624,11 @@ class Learner:
         the gate (each level then routes on its own; no one winner)."""
         if not examples or not self.cfg.memory.level_gate:
             return {}
-        pairs = [encode_pair(self.tok, e.prompt, e.completion, self.cfg.data.max_length)
-                 for e in examples]
+        # the prompts alone (as cut to fit beside their completions): what routes at the last
+        # prompt token, whichever prefix the routing reads (`M.whole_prompt_routing` included)
+        encoded = [encode_pair(self.tok, e.prompt, e.completion, self.cfg.data.max_length)
+                   for e in examples]
+        pairs = [(p, [] if p else c[:1]) for p, c in encoded]  # a document: its first token
         first = M.memories(self.model)[0]
         with M.capture_memory_inputs(self.model) as captured:
             completion_logits(self.model, pairs, self.tok.pad_token_id)
