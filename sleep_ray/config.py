@@ -141,6 +141,13 @@ class MemoryConfig:
     capacity: tuple[int, ...] = (1, 8, 4)
     top_k: tuple[int, ...] = (1, 1, 1)
     routing: Literal["token", "sequence"] = "token"
+    # With sequence routing, at inference (scoring, greedy generation): every token of a prompt
+    # routes as the prompt's last, on the mean of the whole prompt (known before any token is
+    # generated); the tokens after it continue the running mean. Training and the learner's own
+    # passes stay causal. The project's choice: a prompt's first tokens are a few words of its
+    # form, and what the gate lets add there reaches every later position through attention.
+    # HF path only (the vLLM plugin refuses it).
+    prompt_routing: bool = False
     # "cosine": each expert's router entry is a key fixed from the hidden states of the data it
     # was seeded on, scored by cosine similarity / temperature; it cannot drift onto old inputs.
     # "discriminant": each level's routers are refit at every consolidation to the linear
@@ -300,6 +307,8 @@ class MemoryConfig:
             _fail(f"{at}.router_prototypes", self.router_prototypes, "must be positive")
         if self.fit_ridge < 0:
             _fail(f"{at}.fit_ridge", self.fit_ridge, "must be >= 0")
+        if self.prompt_routing and self.routing != "sequence":
+            _fail(f"{at}.prompt_routing", self.prompt_routing, "needs routing: sequence")
         if self.fit_tokens == "source" and not self.level_gate:
             _fail(f"{at}.fit_tokens", self.fit_tokens, "needs level_gate: true (without it "
                   "every level takes part everywhere)")

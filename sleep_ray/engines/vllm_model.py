@@ -104,6 +104,9 @@ class SleepMemoryMixin:
             layer.mlp.register_forward_hook(_add_flat_memory_hook)
         memories = [m for m in self.modules() if isinstance(m, LayerMemory)]
         link_routing(memories, cfg.shared_routing)
+        if cfg.prompt_routing:
+            raise ValueError("memory.prompt_routing: the vLLM plugin routes each token on its "
+                             "causal prefix mean only; use the hf rollout backend")
         if cfg.routing == "sequence":
             for memory in memories:
                 routes = _SequenceRoutes(vllm_config.cache_config.block_size)

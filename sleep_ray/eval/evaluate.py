@@ -36,12 +36,13 @@ def _device(model: PreTrainedModel) -> torch.device:
 
 @contextlib.contextmanager
 def _inference(model: PreTrainedModel) -> Iterator[None]:
-    """Eval mode without gradients; the caller's train/eval mode is restored afterwards, so an
-    evaluation in the middle of wake does not leave the learner's model in eval mode."""
+    """Eval mode without gradients, the memory routing as it answers (`M.inference_routing`);
+    the caller's train/eval mode is restored afterwards, so an evaluation in the middle of wake
+    does not leave the learner's model in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), M.inference_routing(model):
             yield
     finally:
         model.train(was_training)
@@ -82,8 +83,13 @@ def _pair_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     """(N,) summed log-probs and (N,) token counts of encoded (prompt, completion) pairs.
 
     Pairs are batched in order of length (less padding), and results put back in input order.
+    Where a prompt routes as a whole (`M.routes_whole_prompts`) each prompt is prefilled alone
+    and its completion continues it (`_shared_prompt_logprobs`): the completion must not take
+    part in how its prompt routes.
     """
     _check_prompts(pairs)
+    if M.routes_whole_prompts(model):
+        return _shared_prompt_logprobs(model, tok, [(p, [c]) for p, c in pairs], batch_size)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     total = torch.zeros(len(pairs))
     count = torch.zeros(len(pairs), dtype=torch.long)

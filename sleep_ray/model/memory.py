@@ -178,6 +178,7 @@ class ExpertPool(nn.Module):
         self.scale = cfg.scale
         self.init_std = cfg.init_std
         self.sequence_routing = cfg.routing == "sequence"
+        self.prompt_routing = cfg.prompt_routing  # whole prompts at inference (`inference_routing`)
         self.A = nn.ParameterList(nn.Parameter(torch.empty(dim, self.rank)) for _ in range(self.capacity))
         self.B = nn.ParameterList(nn.Parameter(torch.empty(self.rank, dim)) for _ in range(self.capacity))
         # Router entry per expert: fixed prototype keys (cosine; (P, d), rows of zeros unused), a
@@ -805,16 +806,29 @@ def whole_prompt_routing(model: nn.Module) -> Iterator[None]:
     prompt, which is known before any token is generated; the tokens after it continue the
     running mean as before. Causal prefix means route a prompt's first tokens on a few words
     of its form alone, and under the level gate what they add there reaches every later
-    position through attention. (A diagnostic for now: the HF path only, not the vLLM plugin,
-    not a config mode.)"""
-    pools = [pool for m in memories(model) for pool in m.levels]
-    for pool in pools:
+    position through attention. `memory.prompt_routing` turns it on at inference
+    (`inference_routing`); the HF path only, not the vLLM plugin."""
+    saved = [(pool, pool.whole_prompt) for m in memories(model) for pool in m.levels]
+    for pool, _ in saved:
         pool.whole_prompt = True
     try:
         yield
     finally:
-        for pool in pools:
-            pool.whole_prompt = False
+        for pool, was in saved:
+            pool.whole_prompt = was
+
+
+def inference_routing(model: nn.Module) -> contextlib.AbstractContextManager:
+    """How the memory routes when the model answers (scoring, generation): whole prompts with
+    `memory.prompt_routing`, else as everywhere else."""
+    asks = any(pool.prompt_routing for m in memories(model) for pool in m.levels)
+    return whole_prompt_routing(model) if asks else contextlib.nullcontext()
+
+
+def routes_whole_prompts(model: nn.Module) -> bool:
+    """True where a prompt's prefill routes as a whole now (`whole_prompt_routing`, or
+    `memory.prompt_routing`): a prompt must then be prefilled alone, without its completion."""
+    return any(pool.whole_prompt or pool.prompt_routing for m in memories(model) for pool in m.levels)
 
 
 @contextlib.contextmanager

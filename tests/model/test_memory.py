@@ -552,3 +552,40 @@ def test_gate_scope_winner_is_refused_where_it_cannot_work():
                            "schedule.wake_levels=[1, 2]", "schedule.chunk_sizes=[1, 4, 8]"])
     with pytest.raises(ConfigError, match="gate_scope"):
         load_config(None, ["model.pretrain_steps=0", "memory.gate_scope=alone"])
+
+
+def test_prompt_routing_scores_as_whole_prompt_routing_does_and_only_at_inference(tiny_cfg):
+    from dataclasses import replace
+
+    from sleep_ray.config import ConfigError, load_config
+    from sleep_ray.eval.evaluate import completion_logprobs
+
+    with pytest.raises(ConfigError, match="needs routing: sequence"):
+        load_config(None, ["memory.prompt_routing=true"])
+    memory = replace(tiny_cfg.memory, routing="sequence")
+    plain, _ = build_model(replace(tiny_cfg, memory=memory))
+    asking, tok = build_model(replace(tiny_cfg, memory=replace(memory, prompt_routing=True)))
+    for model in (plain, asking):
+        torch.manual_seed(0)
+        for _ in range(2):  # two level-2 experts: what routes where changes the answer
+            slot = M.activate_expert(model, 2, keys=[torch.randn(64) for _ in M.memories(model)])
+            _train_expert(model, 2, slot, _ids(tok, ["the cat sees a bird"]), steps=1, lr=0.5)
+    pairs = [("the cat sees a", " bird"), ("a model", " sleeps")]
+    seen = {id(plain): [], id(asking): []}
+    for model in (plain, asking):
+        first = M.memories(model)[0]
+        first.register_forward_pre_hook(
+            lambda module, args, key=id(model): seen[key].append(module.levels[0].whole_prompt))
+    with M.whole_prompt_routing(plain):
+        whole = completion_logprobs(plain, tok, pairs, 32)
+    assert seen[id(plain)] and all(seen[id(plain)])
+    seen[id(plain)].clear()
+    completion_logprobs(plain, tok, pairs, 32)
+    assert seen[id(plain)] and not any(seen[id(plain)])  # causal without the flag
+    asked = completion_logprobs(asking, tok, pairs, 32)
+    assert seen[id(asking)] and all(seen[id(asking)])  # whole prompts when it answers
+    torch.testing.assert_close(asked, whole)
+    assert not any(pool.whole_prompt for m in M.memories(asking) for pool in m.levels)  # after
+    asking.train()
+    asking(input_ids=_ids(tok, ["the cat sees a bird"]))  # a training pass: causal
+    assert not seen[id(asking)][-1]
