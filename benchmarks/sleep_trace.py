@@ -42,19 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-@contextlib.contextmanager
 def gate_off(model):
     """Every level routes on its own, as on wake inputs (`LayerMemory.decisions`)."""
     from sleep_ray.model import memory as M
 
-    saved = [(mem, mem.level_gate) for mem in M.memories(model)]
-    for mem, _ in saved:
-        mem.level_gate = False
-    try:
-        yield
-    finally:
-        for mem, gate in saved:
-            mem.level_gate = gate
+    return M.attributes_set(M.memories(model), "level_gate", False)
 
 
 def fast_off(model):

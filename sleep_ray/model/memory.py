@@ -808,14 +808,21 @@ def whole_prompt_routing(model: nn.Module) -> Iterator[None]:
     of its form alone, and under the level gate what they add there reaches every later
     position through attention. `memory.prompt_routing` turns it on at inference
     (`inference_routing`); the HF path only, not the vLLM plugin."""
-    saved = [(pool, pool.whole_prompt) for m in memories(model) for pool in m.levels]
-    for pool, _ in saved:
-        pool.whole_prompt = True
+    with attributes_set([pool for m in memories(model) for pool in m.levels], "whole_prompt", True):
+        yield
+
+
+@contextlib.contextmanager
+def attributes_set(objects: list, name: str, value) -> Iterator[None]:
+    """Attribute `name` of every object set to `value` inside this block, restored after."""
+    saved = [(obj, getattr(obj, name)) for obj in objects]
+    for obj, _ in saved:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        for pool, was in saved:
-            pool.whole_prompt = was
+        for obj, was in saved:
+            setattr(obj, name, was)
 
 
 def inference_routing(model: nn.Module) -> contextlib.AbstractContextManager:
