@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sleep_ray.engines.base import check_version
-from sleep_ray.model.memory import random_injection
+from sleep_ray.model.memory import inference_routing, random_injection
 from sleep_ray.model.state import load_memory_state
 from sleep_ray.sleep.generation import sample
 from sleep_ray.types import MemoryState
@@ -35,7 +35,7 @@ class HFEngine:
                  seed: int, greedy: bool = False, dream: bool = False,
                  min_new_tokens: int = 0) -> list[list[int]]:
         mode = random_injection(self.model) if dream else contextlib.nullcontext()
-        with mode:
+        with mode, inference_routing(self.model):  # routed as the model answers (prompt_routing)
             return sample(self.model, self.tok, prompts, max_new_tokens, temperature, seed,
                           batch_size=self.batch_size, greedy=greedy, min_new_tokens=min_new_tokens)
 

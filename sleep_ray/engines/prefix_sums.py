@@ -12,6 +12,12 @@ that token's slot, and a step reads its requests' earlier sums at the slot of th
 before their first scheduled token (`block_table[r, p // block_size] * block_size + p % block_size`).
 A prefix-cache hit reads sums written when the cached blocks were computed; they depend on the
 prefix alone, as the cached keys and values do.
+
+Whole-prompt routing (`memory.prompt_routing`, `M.whole_prompt_routing` on the HF side) routes a
+prompt's every token on the mean of the whole prompt: a request whose step starts at its first
+token holds its whole prompt there, provided the engine neither chunks prefills nor reuses
+cached prompt blocks (their keys and values would belong to another prompt's routes). The sums
+written stay causal, so the tokens generated after the prompt continue its running mean.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 def flat_prefix_means(x: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_table: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
-                      sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      sums: torch.Tensor, whole_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix means of a flat batch's first `query_start_loc[-1]` tokens, and the slot table.
 
     x: (N, d) routing inputs, the scheduled tokens of R requests back to back (rows past the
@@ -29,7 +35,9 @@ def flat_prefix_means(x: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: 
     request's tokens start. seq_lens: (R,) each request's length after this step (its earlier
     tokens included). block_table: (R, max_blocks) its KV blocks; slot_mapping: (n,) each
     token's KV slot. sums: (S, d) float32 running sums by slot, grown as needed (returned; the
-    caller keeps it). Returns ((N, d) prefix means in x's dtype, sums).
+    caller keeps it). whole_prompts: a request whose step starts at its position 0 routes all
+    of this step's tokens on the mean at its last one (a whole prefill). Returns ((N, d) prefix
+    means in x's dtype, sums).
     """
     starts, ends = query_start_loc[:-1].long(), query_start_loc[1:].long()
     q_lens = ends - starts
@@ -59,6 +67,11 @@ def flat_prefix_means(x: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: 
                       x[:n].double().cumsum(0)])
     total = (csum[1:] - csum[starts][request]).float() + prev[request]  # (n, d)
     sums[slots] = total
+    if whole_prompts:  # a prefill from position 0 routes as its last token
+        last = total[ends - 1][request]  # (n, d) each token's request's sum at its last token
+        whole = (first_pos == 0)[request]
+        total = torch.where(whole[:, None], last, total)
+        position = torch.where(whole, (q_lens - 1)[request], position)
     means = x.clone()
     means[:n] = (total / (position + 1).to(total.dtype)[:, None]).to(x.dtype)
     return means, sums

@@ -157,12 +157,16 @@ def engine_settings(model_dir: str | Path, *, max_model_len: int, kv_cache_gib: 
                          "with save_for_vllm")
     _check_head_dim(config)
     version = int(config[CONFIG_KEY].get("version", 0))
+    # Whole-prompt routing (`memory.prompt_routing`): every prompt prefilled whole, for itself.
+    whole = dict(enable_chunked_prefill=False, enable_prefix_caching=False,
+                 max_num_batched_tokens=max(max_model_len, 2048)
+                 ) if config[CONFIG_KEY].get("prompt_routing") else {}
     return version, dict(
         model=str(model_dir), tokenizer=str(model_dir), dtype=dtype or _checkpoint_dtype(config),
         max_model_len=max_model_len, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
         enforce_eager=enforce_eager, seed=seed, max_num_seqs=max_num_seqs,
         gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
-        worker_extension_cls=_WORKER_EXTENSION, **lora_settings(max_lora_rank))
+        worker_extension_cls=_WORKER_EXTENSION, **whole, **lora_settings(max_lora_rank))
 
 
 def lora_settings(rank: int) -> dict:

@@ -12,9 +12,10 @@ checkpoint's config.json as a `sleep_memory` dict (vllm_checkpoint.py). vLLM han
 tokens flattened as (num_tokens, d); the pools see them as one (1, num_tokens, d) batch, which is
 exact for per-token routing. Sequence routing (each token routed on its request's running prefix
 mean) reads the step's attention metadata and keeps the running sums by KV-cache slot
-(`prefix_sums.py`, `_SequenceRoutes`). The router branches in Python on the dream switch, which
-neither torch.compile (fullgraph) nor CUDA graphs can capture: both are refused with an error
-that says so.
+(`prefix_sums.py`, `_SequenceRoutes`); with `memory.prompt_routing` a prompt's every token routes
+on the whole prompt's mean, as `M.whole_prompt_routing` does in HF. The router branches in
+Python on the dream switch, which neither torch.compile (fullgraph) nor CUDA graphs can capture:
+both are refused with an error that says so.
 Imported only inside vLLM's processes (through the plugin's lazy registration).
 """
 
@@ -37,10 +38,12 @@ from sleep_ray.model.memory import LayerMemory, link_routing
 class _SequenceRoutes:
     """Sequence routing's route inputs for one memory layer's pools in vLLM's flat batch: the
     prefix means of `flat_prefix_means`, from the step's attention metadata, with this layer's
-    running sums by KV slot. Every pool of the layer asks with the same input: computed once."""
+    running sums by KV slot. Every pool of the layer asks with the same input: computed once.
+    `whole_prompts`: a prompt's every token routes on the whole prompt's mean
+    (`memory.prompt_routing`)."""
 
-    def __init__(self, block_size: int):
-        self.block_size = block_size
+    def __init__(self, block_size: int, whole_prompts: bool = False):
+        self.block_size, self.whole_prompts = block_size, whole_prompts
         self.sums = torch.zeros(0, 0)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -53,7 +56,8 @@ class _SequenceRoutes:
         if self.sums.shape[-1] != x.shape[-1] or self.sums.device != x.device:
             self.sums = torch.zeros(0, x.shape[-1], dtype=torch.float32, device=x.device)
         means, self.sums = flat_prefix_means(x[0], meta.query_start_loc, meta.seq_lens, meta.block_table,
-                                             meta.slot_mapping, self.block_size, self.sums)
+                                             meta.slot_mapping, self.block_size, self.sums,
+                                             self.whole_prompts)
         self._last = (x, means[None])
         return self._last[1]
 
@@ -69,6 +73,19 @@ def _step_metadata():
     if isinstance(meta, list):  # micro-batches: not used by this engine's settings
         raise RuntimeError("sequence routing under vLLM's micro-batching is not supported")
     return next(iter(meta.values()), None) if meta else None
+
+
+def _check_whole_prompts(vllm_config: VllmConfig) -> None:
+    """Whole-prompt routing needs each prompt in one step and computed for itself: refused with
+    chunked prefill or prefix caching on (`engine_settings` turns both off for such a
+    checkpoint). A request vLLM preempts is recomputed as one prefill of its prompt and what it
+    had generated, routed as a whole: size the KV cache so that it does not preempt."""
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        raise ValueError("memory.prompt_routing: each prompt must be prefilled in one step; "
+                         "start vLLM with enable_chunked_prefill=False")
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError("memory.prompt_routing: a cached prompt block was computed on another "
+                         "prompt's routes; start vLLM with enable_prefix_caching=False")
 
 
 def _add_flat_memory_hook(mlp: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -105,11 +122,10 @@ class SleepMemoryMixin:
         memories = [m for m in self.modules() if isinstance(m, LayerMemory)]
         link_routing(memories, cfg.shared_routing)
         if cfg.prompt_routing:
-            raise ValueError("memory.prompt_routing: the vLLM plugin routes each token on its "
-                             "causal prefix mean only; use the hf rollout backend")
+            _check_whole_prompts(vllm_config)
         if cfg.routing == "sequence":
             for memory in memories:
-                routes = _SequenceRoutes(vllm_config.cache_config.block_size)
+                routes = _SequenceRoutes(vllm_config.cache_config.block_size, cfg.prompt_routing)
                 for pool in memory.levels:
                     pool.prefix_source = routes
 

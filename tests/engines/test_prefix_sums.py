@@ -18,7 +18,8 @@ def _reference(tokens: torch.Tensor) -> torch.Tensor:
 class _Requests:
     """Requests' routing inputs and KV blocks; `step` schedules some tokens of some of them."""
 
-    def __init__(self, lengths: dict[str, int], blocks: dict[str, list[int]]):
+    def __init__(self, lengths: dict[str, int], blocks: dict[str, list[int]], whole_prompts=False):
+        self.whole_prompts = whole_prompts
         g = torch.Generator().manual_seed(0)
         self.x = {r: torch.randn(n, D, generator=g) for r, n in lengths.items()}
         self.blocks, self.done = blocks, {r: 0 for r in lengths}
@@ -43,7 +44,7 @@ class _Requests:
         width = max(len(self.blocks[r]) for r in names)
         table = torch.tensor([self.blocks[r] + [0] * (width - len(self.blocks[r])) for r in names])
         means, self.sums = flat_prefix_means(x, torch.tensor(starts), torch.tensor(seq_lens), table,
-                                             torch.tensor(slots), BLOCK, self.sums)
+                                             torch.tensor(slots), BLOCK, self.sums, self.whole_prompts)
         assert torch.equal(means[starts[-1]:], x[starts[-1]:])  # padding untouched
         for i, r in enumerate(names):
             self.means[r][self.done[r]:self.done[r] + scheduled[r]] = means[starts[i]:starts[i + 1]]
@@ -71,3 +72,14 @@ def test_the_slot_table_grows_and_keeps_what_it_held():
     assert reqs.sums.shape[0] >= 162
     torch.testing.assert_close(reqs.means["a"], _reference(reqs.x["a"]))
     torch.testing.assert_close(reqs.means["b"], _reference(reqs.x["b"]))
+
+
+def test_whole_prompts_route_a_prefill_on_its_mean_and_decodes_continue_the_running_mean():
+    reqs = _Requests({"a": 9, "b": 7}, blocks={"a": [3, 0, 5], "b": [1, 6]}, whole_prompts=True)
+    reqs.step({"a": 6, "b": 5}, padding=2)  # two whole prompts: a's 6 tokens, b's 5
+    reqs.step({"b": 1, "a": 1})  # decodes
+    reqs.step({"a": 2, "b": 1})  # a: two tokens after its prompt (a continuation, not a prompt)
+    for r, prompt in (("a", 6), ("b", 5)):
+        expected = _reference(reqs.x[r])
+        expected[:prompt] = expected[prompt - 1]  # every prompt token routes as the last one
+        torch.testing.assert_close(reqs.means[r], expected, rtol=1e-6, atol=1e-6)
