@@ -36,10 +36,11 @@
    the share of general prompts whose greedy answer is unchanged, memory versions, sleeps, wall
    times, the exact command.
 
-Why `DEFAULT_OVERRIDES`: `memory.routing=token` (the vLLM serving engine routed per token only
-when docs/results.md's runs were made; it serves sequence routing since, `--set
-memory.routing=sequence`); `rollout.backend=hf` (the learner's seeding
-samples with transformers, not a second vLLM engine on the 2 cores); `schedule.windows=[0, 0, 0]`
+Why `DEFAULT_OVERRIDES`: `memory.routing=token` and `memory.prompt_routing=false` (the vLLM
+serving engine routed per token only when docs/results.md's runs were made; it serves sequence
+and whole-prompt routing since: `--set memory.routing=sequence --set memory.prompt_routing=true`
+serves real.yaml's); `rollout.backend=hf` (the learner's seeding samples with transformers, not a
+second vLLM engine on the 2 cores); `schedule.windows=[0, 0, 0]`
 with `serve.learn.idle_seconds=30` (no sleep in the middle of the teaching: the deployment sleeps
 once, 1 -> 2, when it has been idle for 30 s after the last wake step; `--set
 schedule.windows=[100, 200, 0]` keeps real.yaml's scheduled sleeps as well); a rate limit above
@@ -69,6 +70,7 @@ DEFAULT_OVERRIDES = (
     "run.engine=ray",
     "rollout.backend=hf",
     "memory.routing=token",
+    "memory.prompt_routing=false",
     "schedule.windows=[0, 0, 0]",
     "serve.learn.idle_seconds=30",
     "serve.learn.rate_limit_items=1000000",

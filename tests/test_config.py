@@ -37,10 +37,12 @@ def test_benchmark_windows_do_not_mark_task_boundaries(path):
         assert w == 0 or (per_task % w and w % per_task), (level, w, per_task)
 
 
-# real.yaml's shift check (schedule.shift_*), and where a consolidation's start is fitted and on
-# how many contexts each class of the gate is fitted (memory.fit_tokens, memory.router_contexts):
-# the configs measured before them stay without them.
-SHIFT = {"shift_ratio", "shift_margin", "shift_history", "fit_tokens", "router_contexts"}
+# real.yaml's shift check (schedule.shift_*), where a consolidation's start is fitted and on how
+# many contexts each class of the gate is fitted (memory.fit_tokens, memory.router_contexts), and
+# how the model routes a prompt when it answers (memory.prompt_routing): the configs measured
+# before them stay without them.
+SHIFT = {"shift_ratio", "shift_margin", "shift_history", "fit_tokens", "router_contexts",
+         "prompt_routing"}
 
 
 def test_the_demo_runs_the_measured_method():
