@@ -20,7 +20,9 @@ statistics.stdev; 0 with one seed), each seed's value, the final per-task scores
 wall seconds. Without `--seeds` one run (the config's run.seed) writes into OUTPUT itself.
 `--table-only` runs nothing and rebuilds the summary from every results.csv under OUTPUT (any
 depth, e.g. OUTPUT/sleep_seed0/, OUTPUT/naive_memory_seed1/: methods and seeds run as separate
-commands); each folder's seed is its config.yaml's run.seed.
+commands); each folder's seed is its config.yaml's run.seed. A run stopped after some of its
+methods (raw.json is written after each; results.csv at the end) gets its report files written
+from raw.json first (`report_stopped_runs`), so the methods it finished count.
 
 torch, the models and the baselines are imported when a benchmark runs, not at import: `--help`
 answers at once.
@@ -286,6 +288,29 @@ def _num(v) -> float:
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def report_stopped_runs(out: Path) -> list[Path]:
+    """Write the report files (`write_report`) of every run under `out` stopped after some of its
+    methods: a raw.json and config.yaml without results.csv. The command it ran is not known
+    there; its report says so. Returns those folders."""
+    from sleep_ray.data import stream_from_config
+    from sleep_ray.eval.report import MethodResult, write_report
+
+    written = []
+    for raw in sorted(out.rglob("raw.json")):
+        folder = raw.parent
+        if (folder / "results.csv").exists() or not (folder / "config.yaml").exists():
+            continue
+        cfg = load_config(folder / "config.yaml")
+        tasks = [t.name for t in stream_from_config(cfg.data, cfg.run.seed).tasks]
+        results = [MethodResult(**r) for r in json.loads(raw.read_text())]
+        done = ", ".join(r.method for r in results)
+        write_report(folder, results, tasks, f"(not known: the run stopped after {done}; this report "
+                     "was written from its raw.json by --table-only)", {"seed": str(cfg.run.seed)})
+        log.info("%s: stopped after %s; report written from raw.json", folder, done)
+        written.append(folder)
+    return written
 
 
 def find_runs(out: Path) -> tuple[list[SavedRun], list[str]]:
@@ -563,6 +588,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.table_only:
         keep_methods = None if args.methods.strip() == "all" else select_methods(args.methods)
         keep_seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        report_stopped_runs(out)
         runs, notes = find_runs(out)
         text = write_summary(out, runs, command, {}, notes, table_only=True,
                              keep_methods=keep_methods, keep_seeds=keep_seeds)

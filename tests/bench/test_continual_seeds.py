@@ -278,3 +278,27 @@ def test_seeds_on_the_tiny_model(tmp_path, quiet):
         assert e["metrics"]["ACC"]["mean"] == pytest.approx(sum(values) / 3)
         assert len(e["final_scores"]["mean"]) == 2
     assert "| sleep | 3 (0, 1, 2) |" in (out / "summary.md").read_text()
+
+
+def test_a_run_stopped_after_some_methods_counts_the_ones_it_finished(tmp_path, quiet):
+    # raw.json is written after each method, results.csv at the end: --table-only writes the
+    # missing report files from raw.json, so the finished methods are in the summary.
+    from dataclasses import asdict
+
+    stream = tmp_path / "s.jsonl"
+    _write_stream(stream)
+    folder = tmp_path / "stopped_seed1"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"model:\n  name_or_path: tiny\ndata:\n  stream: jsonl\n"
+                                        f"  path: {stream}\nrun:\n  seed: 1\n")
+    done = MethodResult("naive_lora", [[0.8, 0.1], [0.2, 0.6]], 12.0)
+    (folder / "raw.json").write_text(json.dumps([asdict(done)]))
+    continual.main(["--table-only", "--output", str(tmp_path)])
+    assert (folder / "results.csv").exists() and "raw.json" in (folder / "report.md").read_text()
+    (entry,) = json.loads((tmp_path / "summary.json").read_text())["methods"]
+    assert entry["method"] == "naive_lora" and entry["seeds"] == [1]
+    # By hand: ACC = (0.2 + 0.6) / 2, BWT = 0.2 - 0.8, final row (0.2, 0.6).
+    assert entry["metrics"]["ACC"]["mean"] == pytest.approx(0.4)
+    assert entry["metrics"]["BWT"]["mean"] == pytest.approx(-0.6)
+    assert entry["final_scores"]["mean"] == pytest.approx([0.2, 0.6])
+    assert entry["final_scores"]["tasks"] == ["colors", "animals"]
