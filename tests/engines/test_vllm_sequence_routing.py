@@ -52,47 +52,31 @@ def sequence_rig(engine_cfg, tmp_path_factory, add_random_expert):
     rig.vllm.close()
 
 
-def test_vllm_routes_each_sequence_on_its_prefix_mean_like_hf(sequence_rig, prompts):
-    from sleep_ray.model.memory import memories
+def _equal_tokens_and_the_routing_matters(rig, prompts, switch: str) -> None:
+    """vLLM's greedy tokens equal HF's, twice (cached prefixes or none change nothing), and HF's
+    differ with the pools' `switch` off: the routing under test decides tokens here."""
+    from sleep_ray.model.memory import attributes_set, memories
 
-    rig = sequence_rig
     prompts = prompts + [rig.tok("the bird sat on the cat", add_special_tokens=False).input_ids]
     hf = rig.hf.generate(prompts, **GREEDY)
     assert rig.vllm.generate(prompts, **GREEDY) == hf
-    assert rig.vllm.generate(prompts, **GREEDY) == hf  # again: cached prefixes, same routes
-    # The routing matters here: routed per token, the same memory writes other tokens.
-    every = [pool for memory in memories(rig.model) for pool in memory.levels]
-    for pool in every:
-        pool.sequence_routing = False
-    try:
+    assert rig.vllm.generate(prompts, **GREEDY) == hf
+    with attributes_set([pool for memory in memories(rig.model) for pool in memory.levels], switch, False):
         assert rig.hf.generate(prompts, **GREEDY) != hf
-    finally:
-        for pool in every:
-            pool.sequence_routing = True
+
+
+def test_vllm_routes_each_sequence_on_its_prefix_mean_like_hf(sequence_rig, prompts):
+    # Routed per token instead, the same memory writes other tokens.
+    _equal_tokens_and_the_routing_matters(sequence_rig, prompts, "sequence_routing")
 
 
 def test_vllm_routes_a_whole_prompt_on_its_mean_like_hf(engine_cfg, tmp_path_factory, add_random_expert,
                                                         prompts):
-    from sleep_ray.model.memory import memories
-
     # Sharp attention: what the memory adds at a prompt's first tokens reaches the tokens after
     # it (on the random tiny model's diffuse attention it barely does, and the check below fails).
     rig = _rig(engine_cfg, tmp_path_factory.mktemp("vllm_whole_prompt"), add_random_expert,
                attention_gain=16.0, prompt_routing=True)
-    try:
-        prompts = prompts + [rig.tok("the bird sat on the cat", add_special_tokens=False).input_ids]
-        hf = rig.hf.generate(prompts, **GREEDY)
-        assert rig.vllm.generate(prompts, **GREEDY) == hf
-        assert rig.vllm.generate(prompts, **GREEDY) == hf  # again: nothing cached changes it
-        # The prompt routing matters here: routed on causal prefixes, the same memory writes
-        # other tokens.
-        every = [pool for memory in memories(rig.model) for pool in memory.levels]
-        for pool in every:
-            pool.prompt_routing = False
-        try:
-            assert rig.hf.generate(prompts, **GREEDY) != hf
-        finally:
-            for pool in every:
-                pool.prompt_routing = True
+    try:  # routed on causal prefixes instead, the same memory writes other tokens
+        _equal_tokens_and_the_routing_matters(rig, prompts, "prompt_routing")
     finally:
         rig.vllm.close()
