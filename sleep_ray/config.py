@@ -146,7 +146,8 @@ class MemoryConfig:
     # generated); the tokens after it continue the running mean. Training and the learner's own
     # passes stay causal. The project's choice: a prompt's first tokens are a few words of its
     # form, and what the gate lets add there reaches every later position through attention.
-    # HF path only (the vLLM plugin refuses it).
+    # The HF engine and the vLLM plugin both (vLLM then runs without chunked prefill or prefix
+    # caching: `engines/vllm.py`, `engine_settings`).
     prompt_routing: bool = False
     # "cosine": each expert's router entry is a key fixed from the hidden states of the data it
     # was seeded on, scored by cosine similarity / temperature; it cannot drift onto old inputs.
